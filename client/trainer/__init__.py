@@ -1,0 +1,1 @@
+"""The training node: Flower ClientApp that fine-tunes LoRA on local data."""

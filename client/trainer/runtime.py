@@ -1,0 +1,64 @@
+"""What a node process loads once and reuses across rounds: the base model and its data."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from fedswarm.common.config import FederationConfig
+from fedswarm.common.data import Example, load_examples
+from fedswarm.common.splits import holdout_split, node_slices
+
+if TYPE_CHECKING:
+    from peft import PeftModel
+    from transformers import PreTrainedTokenizerBase
+
+
+@dataclass(frozen=True)
+class Shard:
+    train: list[Example]
+    validation: list[Example]  # the node's own slice, never trained on
+    partition_id: int
+
+
+@functools.lru_cache(maxsize=1)
+def lora_model(model: str, rank: int, alpha: float, seed: int) -> tuple[PeftModel, PreTrainedTokenizerBase]:
+    """The base model with a LoRA adapter, built once per process and overwritten each round."""
+    from fedswarm.common.lora import attach_lora
+    from fedswarm.common.model import load_model, load_tokenizer
+
+    tokenizer = load_tokenizer(model)
+    return attach_lora(load_model(model), rank, alpha, seed), tokenizer
+
+
+@functools.lru_cache(maxsize=2)
+def examples(data: str, max_samples: int) -> list[Example]:
+    return load_examples(data, max_samples)
+
+
+def simulated_shard(node_config: Mapping[str, Any], cfg: FederationConfig) -> Shard:
+    """This virtual node's partition of the shared pool (the held-out split excluded)."""
+    from fedswarm.simulation.partition import parse_partition, partition
+
+    pid, parts = int(node_config["partition-id"]), int(node_config["num-partitions"])
+    records = examples(cfg.data, cfg.max_samples)
+    split = holdout_split(len(records), cfg.eval_size, cfg.seed)
+    labels = [records[i].label for i in split.train]
+    mine = partition(split.train.tolist(), labels, parts, parse_partition(cfg.partition), cfg.seed)[pid]
+    train, validation = node_slices(mine)
+    return Shard([records[i] for i in train], [records[i] for i in validation], pid)
+
+
+def local_shard(data_path: str, cfg: FederationConfig) -> Shard:
+    """A deployed node's own file: all of it is this node's, a slice kept for validation."""
+    records = examples(data_path, cfg.max_samples)
+    train, validation = node_slices(range(len(records)))
+    return Shard([records[i] for i in train], [records[i] for i in validation], -1)
+
+
+def shard_for(node_config: Mapping[str, Any], cfg: FederationConfig) -> Shard:
+    if "data-path" in node_config:
+        return local_shard(str(node_config["data-path"]), cfg)
+    return simulated_shard(node_config, cfg)

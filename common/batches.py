@@ -1,0 +1,56 @@
+"""Token batches: prompts through the chat template, loss on the answer tokens only."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from fedswarm.common.data import Example
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedTokenizerBase
+
+IGNORE_INDEX = -100
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """Token ids of one example; ``prompt_len`` tokens of prompt, then the answer."""
+
+    input_ids: tuple[int, ...]
+    prompt_len: int
+
+
+def prompt_ids(tokenizer: PreTrainedTokenizerBase, example: Example) -> list[int]:
+    """The prompt as the chat template renders it, ending with the assistant header."""
+    text = tokenizer.apply_chat_template(example.chat(), add_generation_prompt=True, tokenize=False)
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def encode(tokenizer: PreTrainedTokenizerBase, example: Example, max_len: int) -> Encoded:
+    """Prompt + answer + end-of-turn, cutting the prompt from the left to fit ``max_len``."""
+    answer = list(tokenizer(example.answer, add_special_tokens=False)["input_ids"])
+    answer.append(int(tokenizer.eos_token_id))
+    answer = answer[: max(1, max_len // 2)]
+    prompt = prompt_ids(tokenizer, example)
+    keep = max_len - len(answer)
+    prompt = prompt[-keep:] if keep > 0 else []
+    return Encoded(tuple(prompt + answer), len(prompt))
+
+
+def collate(batch: Sequence[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded ``input_ids``, ``attention_mask`` and ``labels`` (-100 outside the answer)."""
+    import torch
+
+    width = max(len(e.input_ids) for e in batch)
+    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
+    for row, e in enumerate(batch):
+        n = len(e.input_ids)
+        ids[row, :n] = torch.tensor(e.input_ids)
+        mask[row, :n] = 1
+        labels[row, e.prompt_len : n] = torch.tensor(e.input_ids[e.prompt_len :])
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}

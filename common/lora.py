@@ -1,0 +1,91 @@
+"""LoRA adapters: creation from a seed, the tensors that travel, PEFT-format checkpoints."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from fedswarm.common.paths import atomic_dir
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
+    from peft import PeftModel
+    from transformers import PreTrainedModel
+
+TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def attach_lora(model: PreTrainedModel, rank: int, alpha: float, seed: int) -> PeftModel:
+    """Wrap ``model`` in a PEFT LoRA whose A matrices come from ``seed`` (B starts at zero).
+
+    Every process that calls this with the same base model and seed gets the same
+    adapter, so the coordinator's initial adapter is reproducible.
+    """
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    if rank < 1:
+        raise ValueError(f"lora rank must be >= 1, got {rank}")
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=alpha,
+        lora_dropout=0.0,
+        target_modules=list(TARGET_MODULES),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        peft_model = get_peft_model(model, config)
+    return peft_model
+
+
+def adapter_state(model: PeftModel) -> dict[str, torch.Tensor]:
+    """The adapter tensors only (PEFT's names, without the adapter-name infix), detached copies."""
+    from peft import get_peft_model_state_dict
+
+    return {k: v.detach().clone().float() for k, v in get_peft_model_state_dict(model).items()}
+
+
+def load_adapter_state(model: PeftModel, state: Mapping[str, torch.Tensor]) -> None:
+    """Copy ``state`` into the model's adapter, refusing missing, extra or mis-shaped tensors."""
+    import torch
+
+    current = adapter_state(model)
+    missing = sorted(set(current) - set(state))
+    extra = sorted(set(state) - set(current))
+    if missing or extra:
+        raise ValueError(f"adapter keys differ: missing {missing[:3]}..., unexpected {extra[:3]}...")
+    for name, tensor in state.items():
+        if tuple(tensor.shape) != tuple(current[name].shape):
+            raise ValueError(f"adapter tensor {name} has shape {tuple(tensor.shape)}, expected {tuple(current[name].shape)}")
+    named = {n: p for n, p in model.named_parameters() if "lora_" in n}
+    with torch.no_grad():
+        for name, tensor in state.items():
+            target = named[_param_name(name, model.active_adapter)]
+            target.copy_(tensor.to(target.dtype))
+
+
+def _param_name(state_key: str, adapter: str) -> str:
+    # PEFT drops ".<adapter>" from saved keys: "...lora_A.weight" <- "...lora_A.default.weight"
+    head, _, tail = state_key.rpartition(".")
+    return f"{head}.{adapter}.{tail}"
+
+
+def to_numpy(state: Mapping[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    return {k: v.detach().cpu().float().numpy() for k, v in state.items()}
+
+
+def from_numpy(arrays: Mapping[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    import torch
+
+    return {k: torch.from_numpy(v.copy()) for k, v in arrays.items()}
+
+
+def save_adapter(model: PeftModel, state: Mapping[str, torch.Tensor], folder: Path) -> None:
+    """Write ``state`` as a PEFT adapter folder (config + safetensors), atomically."""
+    load_adapter_state(model, state)
+    with atomic_dir(Path(folder)) as tmp:
+        model.save_pretrained(tmp)

@@ -1,0 +1,1 @@
+"""Processes that serve: the federated coordinator, swarm block servers, the registry."""

@@ -1,0 +1,1 @@
+"""The federated coordinator: Flower ServerApp, LoRA strategy, checkpoints and metrics."""

@@ -1,0 +1,44 @@
+"""The coordinator's evaluation of the global adapter on the fixed held-out split."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
+
+from fedswarm.common.config import FederationConfig
+from fedswarm.common.data import Example, load_examples
+from fedswarm.common.evaluate import EvalResult, evaluate
+from fedswarm.common.lora import adapter_state, attach_lora, load_adapter_state
+from fedswarm.common.model import load_model, load_tokenizer
+from fedswarm.common.splits import holdout_split
+
+if TYPE_CHECKING:
+    import torch
+
+
+class CentralEvaluator:
+    """Holds the base model + adapter and the held-out examples for the whole run."""
+
+    def __init__(self, cfg: FederationConfig) -> None:
+        import torch
+
+        torch.set_num_threads(max(1, torch.get_num_threads()))
+        self.cfg = cfg
+        self.tokenizer = load_tokenizer(cfg.model)
+        self.model = attach_lora(load_model(cfg.model), cfg.lora_rank, cfg.lora_alpha, cfg.seed)
+        records = load_examples(cfg.data, cfg.max_samples)
+        split = holdout_split(len(records), cfg.eval_size, cfg.seed)
+        self.holdout: list[Example] = [records[i] for i in split.holdout]
+        self.last_seconds = 0.0
+
+    def initial_state(self) -> dict[str, torch.Tensor]:
+        """The seeded initial adapter (B = 0, so it equals the untouched base model)."""
+        return adapter_state(self.model)
+
+    def __call__(self, state: Mapping[str, torch.Tensor]) -> EvalResult:
+        started = time.perf_counter()
+        load_adapter_state(self.model, state)
+        result = evaluate(self.model, self.tokenizer, self.holdout, self.cfg.max_seq_len)
+        self.last_seconds = time.perf_counter() - started
+        return result

@@ -1,0 +1,182 @@
+"""The coordinator's round loop: send the adapter, collect, aggregate, evaluate, checkpoint."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, replace
+from typing import Any
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.serverapp import Grid
+
+from fedswarm.common.config import FederationConfig
+from fedswarm.common.errors import FedswarmError
+from fedswarm.server.coordinator.central_eval import CentralEvaluator
+from fedswarm.server.coordinator.rounds import Collected, send_and_collect
+from fedswarm.server.coordinator.run_dir import RunDir
+from fedswarm.server.coordinator.strategy import LoraFedAvg
+
+log = logging.getLogger("fedswarm")
+
+NODE_WAIT_SECONDS = 120.0
+ROUND_TIMEOUT_SECONDS = 3600.0
+
+
+def run_federation(grid: Grid, cfg: FederationConfig) -> dict[str, Any]:
+    """Run ``cfg.rounds`` rounds and write the run folder; returns the summary."""
+    started = time.perf_counter()
+    if not cfg.out:
+        cfg = replace(cfg, out=time.strftime("runs/run-%Y%m%d-%H%M%S"))
+    run = RunDir(cfg.out)
+    if run.read_metrics():
+        raise FedswarmError(f"--out {cfg.out}: already holds a run (metrics.jsonl); choose another folder")
+    strategy = LoraFedAvg(min_clients=cfg.clients, fraction_evaluate=cfg.fraction_evaluate)
+    evaluator = CentralEvaluator(cfg)
+    state = evaluator.initial_state()
+    rows = [_round_zero(evaluator, state, run)]
+    node_ids = _wait_for_nodes(grid, cfg.clients)
+    for round_no in range(1, cfg.rounds + 1):
+        t0 = time.perf_counter()
+        log.info("round %d/%d: training on %d clients", round_no, cfg.rounds, len(node_ids))
+        config = ConfigRecord({**cfg.to_run_config(), "server-round": round_no})
+        record = RecordDict({"arrays": ArrayRecord(state), "config": config})
+        messages = [Message(content=record, message_type=MessageType.TRAIN, dst_node_id=n) for n in node_ids]
+        collected = send_and_collect(grid, messages, ROUND_TIMEOUT_SECONDS, _progress(round_no))
+        if len(collected.replies) < cfg.clients:
+            raise FedswarmError(
+                f"round {round_no}: {len(collected.replies)} of {len(node_ids)} clients replied "
+                f"(need {cfg.clients}); failures: {'; '.join(collected.failures)}"
+            )
+        arrays, train_metrics = strategy.aggregate_train(round_no, collected.replies)
+        if arrays is None:
+            raise FedswarmError(f"round {round_no}: aggregation produced no adapter")
+        state = arrays.to_torch_state_dict()
+        fed_eval = _federated_eval(grid, strategy, round_no, state, config, node_ids)
+        result = evaluator(state)
+        row = _row(round_no, result, train_metrics, collected, time.perf_counter() - t0, evaluator.last_seconds)
+        row.update(fed_eval)
+        _commit(run, evaluator, state, round_no, row, cfg)
+        rows.append(row)
+        log.info(
+            "round %d/%d done in %.1f s: train loss %.4f, held-out loss %.4f, accuracy %s",
+            round_no, cfg.rounds, row["seconds"], row["train_loss"], row["eval_loss"], _fmt(row["eval_accuracy"]),
+        )
+    run.publish_adapter(cfg.rounds)
+    run.plot_curves()
+    summary = _summary(cfg, rows, time.perf_counter() - started)
+    run.write_json("summary.json", summary)
+    log.info("\n%s", results_table(rows))
+    log.info("run folder: %s (adapter/, metrics.jsonl, curves.png, summary.json)", run.root)
+    return summary
+
+
+def _round_zero(evaluator: CentralEvaluator, state: dict, run: RunDir) -> dict[str, Any]:
+    log.info("round 0: evaluating the untouched base model on %d held-out examples", len(evaluator.holdout))
+    result = evaluator(state)
+    row = {
+        "round": 0, "eval_loss": result.loss, "eval_accuracy": result.accuracy, "train_loss": None,
+        "clients": 0, "failures": 0, "bytes_down": 0, "bytes_up": 0, "seconds": evaluator.last_seconds,
+        "eval_seconds": evaluator.last_seconds,
+    }  # fmt: skip
+    run.append_metrics(row)
+    log.info("round 0: held-out loss %.4f, accuracy %s", result.loss, _fmt(result.accuracy))
+    return row
+
+
+def _wait_for_nodes(grid: Grid, needed: int) -> list[int]:
+    deadline = time.monotonic() + NODE_WAIT_SECONDS
+    while True:
+        node_ids = sorted(grid.get_node_ids())
+        if len(node_ids) >= needed:
+            return node_ids
+        if time.monotonic() > deadline:
+            raise FedswarmError(f"only {len(node_ids)} of {needed} client nodes connected within {NODE_WAIT_SECONDS:.0f} s")
+        time.sleep(1.0)
+
+
+def _progress(round_no: int) -> Any:
+    def report(reply: Message, done: int, total: int) -> None:
+        if reply.has_error():
+            log.warning("round %d: client %d/%d failed: %s", round_no, done, total, reply.error.reason)
+            return
+        metrics = reply.content["metrics"]
+        log.info(
+            "round %d: client %d/%d done (loss %.4f, %d steps, %.1f s)",
+            round_no, done, total, metrics["train-loss"], metrics["steps"], metrics["seconds"],
+        )  # fmt: skip
+
+    return report
+
+
+def _federated_eval(
+    grid: Grid, strategy: LoraFedAvg, round_no: int, state: dict, config: ConfigRecord, node_ids: list[int]
+) -> dict[str, Any]:
+    if strategy.fraction_evaluate <= 0:
+        return {}
+    count = max(1, int(len(node_ids) * strategy.fraction_evaluate))
+    record = RecordDict({"arrays": ArrayRecord(state), "config": config})
+    msgs = [Message(content=record, message_type=MessageType.EVALUATE, dst_node_id=n) for n in node_ids[:count]]
+    collected = send_and_collect(grid, msgs, ROUND_TIMEOUT_SECONDS)
+    metrics = strategy.aggregate_evaluate(round_no, collected.replies)
+    if metrics is None:
+        return {}
+    return {f"node_{k.replace('-', '_')}": v for k, v in metrics.items() if k != "num-examples"}
+
+
+def _row(
+    round_no: int, result: Any, train: Any, collected: Collected, seconds: float, eval_seconds: float
+) -> dict[str, Any]:
+    train = dict(train or {})
+    return {
+        "round": round_no,
+        "eval_loss": result.loss,
+        "eval_accuracy": result.accuracy,
+        "train_loss": train.get("train-loss"),
+        "clients": len(collected.replies),
+        "failures": len(collected.failures),
+        "bytes_down": collected.bytes_down,
+        "bytes_up": collected.bytes_up,
+        "seconds": seconds,
+        "eval_seconds": eval_seconds,
+        "client_seconds": train.get("seconds"),
+        "client_peak_rss_mb": max(float(r.content["metrics"]["peak-rss-mb"]) for r in collected.replies),
+    }
+
+
+def _commit(run: RunDir, evaluator: CentralEvaluator, state: dict, round_no: int, row: dict, cfg: Any) -> None:
+    """Checkpoint first, metrics line second: a metrics line always has its checkpoint."""
+    from fedswarm.common.lora import save_adapter
+
+    save_adapter(evaluator.model, state, run.checkpoint(round_no))
+    run.write_state(round_no, {"round": round_no, "config": asdict(cfg), "metrics": row})
+    run.append_metrics(row)
+
+
+def _summary(cfg: FederationConfig, rows: list[dict[str, Any]], seconds: float) -> dict[str, Any]:
+    first, last = rows[0], rows[-1]
+    gain = None
+    if first["eval_accuracy"] is not None and last["eval_accuracy"] is not None:
+        gain = last["eval_accuracy"] - first["eval_accuracy"]
+    return {
+        "config": asdict(cfg),
+        "rounds": len(rows) - 1,
+        "round0": {"eval_loss": first["eval_loss"], "eval_accuracy": first["eval_accuracy"]},
+        "final": {"eval_loss": last["eval_loss"], "eval_accuracy": last["eval_accuracy"]},
+        "accuracy_gain": gain,
+        "bytes_down": sum(r["bytes_down"] for r in rows),
+        "bytes_up": sum(r["bytes_up"] for r in rows),
+        "seconds": seconds,
+    }
+
+
+def results_table(rows: list[dict[str, Any]]) -> str:
+    lines = ["round | held-out loss | accuracy | train loss", "------+---------------+----------+-----------"]
+    for r in rows:
+        train = "-" if r["train_loss"] is None else f"{r['train_loss']:.4f}"
+        lines.append(f"{r['round']:>5} | {r['eval_loss']:>13.4f} | {_fmt(r['eval_accuracy']):>8} | {train:>10}")
+    return "\n".join(lines)
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"

@@ -1,0 +1,60 @@
+"""Sending a round's messages and collecting replies as they arrive, with progress."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from flwr.app import Message
+from flwr.serverapp import Grid
+
+log = logging.getLogger(__name__)
+
+POLL_SECONDS = 0.2
+
+
+@dataclass
+class Collected:
+    replies: list[Message] = field(default_factory=list)  # replies without an error
+    failures: list[str] = field(default_factory=list)  # why each failed node failed
+    bytes_down: int = 0
+    bytes_up: int = 0
+
+
+def content_bytes(msg: Message) -> int:
+    """Bytes of a message's records (arrays + metrics + configs), as Flower counts them."""
+    return int(sum(record.count_bytes() for record in msg.content.values()))
+
+
+def send_and_collect(
+    grid: Grid,
+    messages: Iterable[Message],
+    timeout: float,
+    on_reply: Callable[[Message, int, int], None] | None = None,
+) -> Collected:
+    """Push ``messages`` and pull replies until all arrive or ``timeout`` seconds pass.
+
+    Nodes that reply with an error or do not reply in time are counted as failures;
+    the round goes on with the replies that arrived.
+    """
+    messages = list(messages)
+    out = Collected(bytes_down=sum(content_bytes(m) for m in messages))
+    pending = set(grid.push_messages(messages))
+    total = len(pending)
+    deadline = time.monotonic() + timeout
+    while pending and time.monotonic() < deadline:
+        for reply in grid.pull_messages(list(pending)):
+            pending.discard(reply.metadata.reply_to_message_id)
+            if reply.has_error():
+                out.failures.append(f"node {reply.metadata.src_node_id}: {reply.error.reason}")
+            else:
+                out.bytes_up += content_bytes(reply)
+                out.replies.append(reply)
+            if on_reply is not None:
+                on_reply(reply, total - len(pending), total)
+        if pending:
+            time.sleep(POLL_SECONDS)
+    out.failures.extend(f"message {mid}: no reply within {timeout:.0f} s" for mid in pending)
+    return out

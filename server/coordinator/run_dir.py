@@ -1,0 +1,88 @@
+"""The run folder: metrics.jsonl, per-round checkpoints, the final adapter, summary, curves."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from fedswarm.common.paths import atomic_dir, atomic_write_text
+
+
+class RunDir:
+    """Everything a run commits to disk; each write is atomic, so a crash loses nothing written."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.root / "metrics.jsonl"
+
+    def checkpoint(self, round_no: int) -> Path:
+        return self.root / "checkpoints" / f"round-{round_no:03d}"
+
+    def append_metrics(self, row: dict[str, Any]) -> None:
+        with self.metrics_path.open("a", encoding="utf-8") as handle:
+            handle.write(json.dumps(_clean(row)) + "\n")
+            handle.flush()
+
+    def read_metrics(self) -> list[dict[str, Any]]:
+        if not self.metrics_path.exists():
+            return []
+        return [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line.strip()]
+
+    def write_json(self, name: str, data: dict[str, Any]) -> None:
+        atomic_write_text(self.root / name, json.dumps(_clean(data), indent=2) + "\n")
+
+    def write_state(self, round_no: int, state: dict[str, Any]) -> None:
+        """Round counter and strategy state beside the round's adapter checkpoint."""
+        atomic_write_text(self.checkpoint(round_no) / "state.json", json.dumps(_clean(state), indent=2))
+
+    def publish_adapter(self, round_no: int) -> None:
+        """Copy the round's checkpoint to ``adapter/`` (final, PEFT format)."""
+        import shutil
+
+        with atomic_dir(self.root / "adapter") as tmp:
+            for item in self.checkpoint(round_no).iterdir():
+                if item.name != "state.json":
+                    shutil.copy2(item, tmp / item.name)
+
+    def plot_curves(self) -> None:
+        """``curves.png``: held-out loss and accuracy per round (round 0 = base model)."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        rows = self.read_metrics()
+        rounds = [r["round"] for r in rows]
+        fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(9, 3.5))
+        ax_loss.plot(rounds, [r["eval_loss"] for r in rows], "o-", label="held-out")
+        train = [(r["round"], r["train_loss"]) for r in rows if r.get("train_loss") is not None]
+        if train:
+            ax_loss.plot(*zip(*train, strict=True), "s--", label="train (clients)")
+        ax_loss.set(xlabel="round", ylabel="loss (nats/token)", title="loss")
+        ax_loss.legend()
+        acc = [(r["round"], r["eval_accuracy"]) for r in rows if r.get("eval_accuracy") is not None]
+        if acc:
+            ax_acc.plot(*zip(*acc, strict=True), "o-")
+        ax_acc.set(xlabel="round", ylabel="accuracy", title="held-out accuracy")
+        fig.tight_layout()
+        tmp = self.root / ".curves.png.tmp"
+        fig.savefig(tmp, format="png", dpi=100)
+        plt.close(fig)
+        tmp.replace(self.root / "curves.png")
+
+
+def _clean(value: Any) -> Any:
+    """JSON-safe: non-finite floats become null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_clean(v) for v in value]
+    return value

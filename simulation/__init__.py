@@ -1,0 +1,1 @@
+"""Local federations on Ray (Flower Simulation Engine) and data partitioning."""

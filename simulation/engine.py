@@ -1,0 +1,87 @@
+"""Running the fedswarm Flower App on Flower's Simulation Engine (Ray), in this process.
+
+``flwr run .`` does the same through a local SuperLink; this path is for
+``fedswarm simulate``: no SuperLink left behind, and Ctrl-C stops Ray and its workers.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+from fedswarm.common.config import FederationConfig
+
+log = logging.getLogger("fedswarm")
+
+SERVER_APP = "fedswarm.server.coordinator.app:app"
+CLIENT_APP = "fedswarm.client.trainer.app:app"
+
+
+def flower_environment() -> None:
+    """Keep Flower from installing the app's dependencies (it would pull CUDA torch) or phoning home."""
+    os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def backend_config(cfg: FederationConfig) -> dict[str, Any]:
+    """Ray resources: each virtual client reserves ``cpus-per-client`` cores of this machine."""
+    cores = os.cpu_count() or 1
+    return {
+        "client_resources": {"num_cpus": cfg.cpus_per_client, "num_gpus": 0.0},
+        "init_args": {"num_cpus": cores, "include_dashboard": False, "logging_level": logging.WARNING},
+    }
+
+
+def run_simulation(cfg: FederationConfig) -> None:
+    """Run the ServerApp and ``cfg.clients`` virtual SuperNodes; always shuts Ray down."""
+    flower_environment()
+    from flwr.app import Context, RecordDict
+    from flwr.simulation.run_simulation import _run_simulation  # the engine behind run_simulation()
+
+    from fedswarm.client.trainer.app import app as client_app
+    from fedswarm.server.coordinator.app import app as server_app
+
+    # Clients take their settings from each message's ConfigRecord, so only the
+    # ServerApp's context carries the run config.
+    context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=cfg.to_run_config())
+    log.info(
+        "simulation: %d virtual clients on Ray, %s cores per client (plain Flower: flwr run . "
+        "--run-config '%s')",
+        cfg.clients, cfg.cpus_per_client, _run_config_arg(cfg),
+    )  # fmt: skip
+    try:
+        _run_simulation(
+            num_supernodes=cfg.clients,
+            exit_event=_exit_event(),
+            client_app=client_app,
+            server_app=server_app,
+            backend_name="ray",
+            backend_config=backend_config(cfg),
+            server_app_context=context,
+        )
+    finally:
+        _shutdown_ray()
+
+
+def _exit_event() -> Any:
+    from flwr.supercore.telemetry import EventType
+
+    return EventType.PYTHON_API_RUN_SIMULATION_LEAVE
+
+
+def _shutdown_ray() -> None:
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+def _run_config_arg(cfg: FederationConfig) -> str:
+    parts = []
+    for key, value in cfg.to_run_config().items():
+        parts.append(f'{key}="{value}"' if isinstance(value, str) else f"{key}={value}")
+    return " ".join(parts)
