@@ -13,7 +13,9 @@ COMMANDS = ("fedswarm.simulation.simulate",)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fedswarm", description="Federated LoRA fine-tuning, swarm serving, edge export.")
+    parser = argparse.ArgumentParser(
+        prog="fedswarm", description="Federated LoRA fine-tuning, swarm serving, edge export."
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for module in COMMANDS:
         importlib.import_module(module).add_parser(sub)

@@ -30,9 +30,9 @@ class FederationConfig:
     data: str = _opt("sarcasm", "data: sarcasm, diabetes, or a .jsonl/.csv file")
     clients: int = _opt(4, "number of (virtual) client nodes")
     rounds: int = _opt(3, "federated rounds")
-    local_steps: int = _opt(12, "optimizer steps per client per round")
+    local_steps: int = _opt(16, "optimizer steps per client per round")
     batch_size: int = _opt(8, "examples per local step")
-    learning_rate: float = _opt(1e-3, "AdamW learning rate")
+    learning_rate: float = _opt(2e-3, "AdamW learning rate")
     lora_rank: int = _opt(8, "LoRA rank r")
     lora_alpha: float = _opt(16.0, "LoRA alpha (scale = alpha / r)")
     partition: str = _opt("iid", "iid or dirichlet:ALPHA (label skew)")
@@ -40,7 +40,7 @@ class FederationConfig:
     eval_size: int = _opt(200, "held-out examples, never given to a client")
     max_samples: int = _opt(0, "read at most this many records (0: all)")
     max_seq_len: int = _opt(128, "tokens per example (prompt cut from the left)")
-    precision: str = _opt("bf16", "training autocast: bf16 or fp32")
+    precision: str = _opt("auto", "training autocast: auto (bf16 where the CPU has it natively), bf16, fp32")
     fraction_evaluate: float = _opt(0.0, "share of nodes running federated evaluation each round")
     cpus_per_client: float = _opt(1.0, "CPU cores reserved per virtual client (Ray)")
     out: str = _opt("", "run folder (default runs/run-DATE-TIME): metrics.jsonl, checkpoints, adapter/")
@@ -52,8 +52,8 @@ class FederationConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.learning_rate <= 0:
             raise ValueError(f"--learning-rate must be > 0, got {self.learning_rate}")
-        if self.precision not in ("bf16", "fp32"):
-            raise ValueError(f"--precision must be bf16 or fp32, got {self.precision!r}")
+        if self.precision not in ("auto", "bf16", "fp32"):
+            raise ValueError(f"--precision must be auto, bf16 or fp32, got {self.precision!r}")
         if not 0.0 <= self.fraction_evaluate <= 1.0:
             raise ValueError(f"--fraction-evaluate must be within [0, 1], got {self.fraction_evaluate}")
         if self.cpus_per_client <= 0:

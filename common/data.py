@@ -26,7 +26,7 @@ class Example:
 
     messages: tuple[tuple[str, str], ...]  # (role, content) pairs, ending with a user turn
     answer: str
-    label: str | None = None  # set where the data is labelled; accuracy compares to it
+    label: str | None = None  # set (equal to ``answer``) where the data is labelled
 
     def chat(self) -> list[dict[str, str]]:
         """The prompt in the ``[{"role": ..., "content": ...}]`` form chat templates take."""
@@ -93,7 +93,7 @@ def _read_jsonl(path: Path) -> Iterator[Example]:
 
 def _parse_record(record: dict[str, Any]) -> Example:
     if "messages" in record:
-        return _from_chat(record["messages"], record.get("label"))
+        return _from_chat(record["messages"])
     if "input" in record and "ideal" in record and isinstance(record["input"], list):
         ideal = record["ideal"]
         if isinstance(ideal, list):
@@ -111,19 +111,18 @@ def _parse_record(record: dict[str, Any]) -> Example:
         content = f"{instruction}\n\n{extra}" if extra.strip() else instruction
         return Example((("user", content),), output)
     raise ValueError(
-        "unknown record format: expected 'messages', evals' 'input' + 'ideal', "
-        "or Alpaca's 'instruction' + 'output'"
+        "unknown record format: expected 'messages', evals' 'input' + 'ideal', or Alpaca's 'instruction' + 'output'"
     )
 
 
-def _from_chat(raw: Any, label: Any) -> Example:
+def _from_chat(raw: Any) -> Example:
     messages = _messages(raw)
     if len(messages) < 2 or messages[-1][0] != "assistant":
         raise ValueError("'messages' must end with an assistant turn after at least one other turn")
     answer = messages[-1][1]
     if not answer.strip():
         raise ValueError("the final assistant message is empty")
-    return Example(messages[:-1], answer, str(label).strip() if label is not None else None)
+    return Example(messages[:-1], answer)
 
 
 def _messages(raw: Any) -> tuple[tuple[str, str], ...]:

@@ -1,4 +1,11 @@
-"""Held-out evaluation: answer-token loss, and accuracy of the greedy answer against labels."""
+"""Held-out evaluation: answer-token loss, and accuracy of the greedy answer against labels.
+
+Accuracy comes from the same teacher-forced forward pass as the loss: greedy decoding
+returns exactly the label (then end-of-turn) if and only if, at every answer position,
+the arg-max token is the label's token there, since each greedy step then sees the
+same prefix as teacher forcing. ``greedy_answers`` decodes for real; a test checks that
+both agree.
+"""
 
 from __future__ import annotations
 
@@ -7,11 +14,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from fedswarm.common.batches import IGNORE_INDEX, collate, encode, prompt_ids
+from fedswarm.common.batches import IGNORE_INDEX, answer_logits, collate, encode, prompt_ids
 from fedswarm.common.data import Example
 
 if TYPE_CHECKING:
-    import torch
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 
@@ -31,49 +37,31 @@ def evaluate(
 ) -> EvalResult:
     """Loss over all examples and greedy-answer accuracy over the labelled ones."""
     import torch
+    import torch.nn.functional as F
 
     if not examples:
         raise ValueError("evaluate() needs at least one example")
     was_training = model.training
     model.eval()
-    total, tokens = 0.0, 0
+    total, tokens, hits, labelled = 0.0, 0, 0, 0
     with torch.inference_mode():
         for start in range(0, len(examples), batch_size):
-            chunk = [encode(tokenizer, e, max_len) for e in examples[start : start + batch_size]]
-            batch = collate(chunk, int(tokenizer.pad_token_id))
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            loss_sum, count = _answer_loss(logits, batch["labels"])
-            total += loss_sum
-            tokens += count
-        labelled = [e for e in examples if e.label is not None]
-        accuracy = _accuracy(model, tokenizer, labelled, max_len, batch_size) if labelled else None
+            chunk = examples[start : start + batch_size]
+            batch = collate([encode(tokenizer, e, max_len) for e in chunk], int(tokenizer.pad_token_id))
+            logits, targets = answer_logits(model, batch)
+            total += float(F.cross_entropy(logits.float(), targets, reduction="sum"))
+            tokens += int(targets.numel())
+            correct = logits.argmax(-1) == targets
+            rows = (batch["labels"][:, 1:] != IGNORE_INDEX).sum(1).tolist()
+            for example, per_row in zip(chunk, torch.split(correct, rows), strict=True):
+                if example.label is not None:
+                    labelled += 1
+                    hits += int(per_row.all())
     model.train(was_training)
-    return EvalResult(total / max(tokens, 1), accuracy, len(examples))
-
-
-def _answer_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, int]:
-    import torch.nn.functional as F
-
-    shifted = logits[:, :-1].float()
-    target = labels[:, 1:]
-    loss = F.cross_entropy(
-        shifted.reshape(-1, shifted.size(-1)), target.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+    loss = total / max(tokens, 1)
+    return EvalResult(
+        loss if math.isfinite(loss) else float("inf"), hits / labelled if labelled else None, len(examples)
     )
-    count = int((target != IGNORE_INDEX).sum())
-    value = float(loss)
-    return (value if math.isfinite(value) else float("inf")), count
-
-
-def _accuracy(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    examples: Sequence[Example],
-    max_len: int,
-    batch_size: int,
-) -> float:
-    answers = greedy_answers(model, tokenizer, examples, max_len, batch_size)
-    hits = sum(a == e.label for a, e in zip(answers, examples, strict=True))
-    return hits / len(examples)
 
 
 def greedy_answers(
@@ -83,28 +71,28 @@ def greedy_answers(
     max_len: int,
     batch_size: int = 16,
 ) -> list[str]:
-    """Greedy answers, long enough for the longest label plus the end-of-turn token."""
+    """Greedy answers by real decoding, long enough for the longest answer plus end-of-turn."""
     import torch
 
-    longest = max(len(tokenizer(e.label or e.answer, add_special_tokens=False)["input_ids"]) for e in examples)
+    longest = max(len(tokenizer(e.answer, add_special_tokens=False)["input_ids"]) for e in examples)
     answers: list[str] = []
     pad = int(tokenizer.pad_token_id)
-    for start in range(0, len(examples), batch_size):
-        prompts = [prompt_ids(tokenizer, e)[-max_len:] for e in examples[start : start + batch_size]]
-        width = max(len(p) for p in prompts)
-        ids = torch.full((len(prompts), width), pad, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for row, p in enumerate(prompts):  # left padding, so every row ends at the prompt's end
-            ids[row, width - len(p) :] = torch.tensor(p)
-            mask[row, width - len(p) :] = 1
-        out = model.generate(
-            input_ids=ids,
-            attention_mask=mask,
-            max_new_tokens=longest + 1,
-            do_sample=False,
-            pad_token_id=pad,
-            eos_token_id=int(tokenizer.eos_token_id),
-        )
-        for row in out[:, width:]:
-            answers.append(tokenizer.decode(row, skip_special_tokens=True).strip())
+    with torch.inference_mode():
+        for start in range(0, len(examples), batch_size):
+            prompts = [prompt_ids(tokenizer, e)[-max_len:] for e in examples[start : start + batch_size]]
+            width = max(len(p) for p in prompts)
+            ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            for row, p in enumerate(prompts):  # left padding: every row ends at its prompt's end
+                ids[row, width - len(p) :] = torch.tensor(p)
+                mask[row, width - len(p) :] = 1
+            out = model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                max_new_tokens=longest + 1,
+                do_sample=False,
+                pad_token_id=pad,
+                eos_token_id=int(tokenizer.eos_token_id),
+            )
+            answers.extend(tokenizer.decode(row, skip_special_tokens=True) for row in out[:, width:])
     return answers

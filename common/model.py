@@ -61,6 +61,7 @@ def tiny_config(vocab_size: int = 49152) -> Any:
         max_position_embeddings=2048,
         rope_theta=100000.0,
         rms_norm_eps=1e-5,
+        initializer_range=0.2,  # large enough that LoRA can move the tied-head logits in a few steps
         tie_word_embeddings=True,
         bos_token_id=1,
         eos_token_id=2,

@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import logging
 
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
-from flwr.clientapp import ClientApp
-
 from fedswarm.client.trainer.runtime import lora_model, shard_for
 from fedswarm.common.config import FederationConfig, from_run_config
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
 
 log = logging.getLogger(__name__)
 

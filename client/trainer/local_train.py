@@ -10,8 +10,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
-
-from fedswarm.common.batches import collate, encode
+from fedswarm.common.batches import answer_loss, collate, encode
 from fedswarm.common.data import Example
 
 if TYPE_CHECKING:
@@ -55,21 +54,45 @@ def train_lora(
         pick = np.take(order, range(step * batch_size, (step + 1) * batch_size), mode="wrap")
         batch = collate([encode(tokenizer, examples[i], max_seq_len) for i in pick], pad)
         with autocast(precision):
-            loss = model(**batch).loss
-        if not math.isfinite(float(loss)):
-            raise FloatingPointError(f"training loss became {float(loss)} at step {step}")
+            loss = answer_loss(model, batch)
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            raise FloatingPointError(f"training loss became {value} at step {step}")
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        losses.append(float(loss))
+        losses.append(value)
     model.eval()
     return TrainResult(float(np.mean(losses)), steps, time.perf_counter() - started)
 
 
-def autocast(precision: str) -> contextlib.AbstractContextManager[None]:
-    """bf16 autocast on CPU (faster and lighter on these CPUs), or nothing for fp32."""
+def resolve_precision(precision: str) -> str:
+    """``auto`` -> bf16 where the CPU computes it natively (AVX512-BF16/AMX), else fp32.
+
+    Without native support bf16 autocast is emulated: ~4x slower than fp32 (measured on
+    an AVX512 CPU without BF16).
+    """
     import torch
 
-    if precision == "bf16":
+    if precision != "auto":
+        return precision
+    native = bool(getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)())
+    return "bf16" if native and _cpu_has_native_bf16() else "fp32"
+
+
+def _cpu_has_native_bf16() -> bool:
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="ignore") as handle:
+            flags = handle.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def autocast(precision: str) -> contextlib.AbstractContextManager[None]:
+    """bf16 autocast on CPU, or nothing for fp32 (``auto`` resolved first)."""
+    import torch
+
+    if resolve_precision(precision) == "bf16":
         return torch.autocast("cpu", dtype=torch.bfloat16)
     return contextlib.nullcontext()

@@ -7,15 +7,14 @@ import time
 from dataclasses import asdict, replace
 from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
-from flwr.serverapp import Grid
-
 from fedswarm.common.config import FederationConfig
 from fedswarm.common.errors import FedswarmError
 from fedswarm.server.coordinator.central_eval import CentralEvaluator
 from fedswarm.server.coordinator.rounds import Collected, send_and_collect
 from fedswarm.server.coordinator.run_dir import RunDir
 from fedswarm.server.coordinator.strategy import LoraFedAvg
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.serverapp import Grid
 
 log = logging.getLogger("fedswarm")
 
@@ -60,7 +59,12 @@ def run_federation(grid: Grid, cfg: FederationConfig) -> dict[str, Any]:
         rows.append(row)
         log.info(
             "round %d/%d done in %.1f s: train loss %.4f, held-out loss %.4f, accuracy %s",
-            round_no, cfg.rounds, row["seconds"], row["train_loss"], row["eval_loss"], _fmt(row["eval_accuracy"]),
+            round_no,
+            cfg.rounds,
+            row["seconds"],
+            row["train_loss"],
+            row["eval_loss"],
+            _fmt(row["eval_accuracy"]),
         )
     run.publish_adapter(cfg.rounds)
     run.plot_curves()
@@ -91,7 +95,9 @@ def _wait_for_nodes(grid: Grid, needed: int) -> list[int]:
         if len(node_ids) >= needed:
             return node_ids
         if time.monotonic() > deadline:
-            raise FedswarmError(f"only {len(node_ids)} of {needed} client nodes connected within {NODE_WAIT_SECONDS:.0f} s")
+            raise FedswarmError(
+                f"only {len(node_ids)} of {needed} client nodes connected within {NODE_WAIT_SECONDS:.0f} s"
+            )
         time.sleep(1.0)
 
 

@@ -1,0 +1,48 @@
+import subprocess
+import sys
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "fedswarm.common.cli", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+
+
+def test_bad_model_is_one_line_nonzero():
+    proc = _run("simulate", "--model", "gpt-9")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "fedswarm simulate: error: --model 'gpt-9': no such folder; expected one of smollm2-135m, tiny "
+        "or a local Hugging Face causal-LM folder"
+    ]
+
+
+def test_bad_data_is_one_line_nonzero(tmp_path):
+    proc = _run(
+        "simulate",
+        "--model",
+        "tiny",
+        "--data",
+        str(tmp_path / "missing.jsonl"),
+        "--out",
+        str(tmp_path / "run"),
+    )
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "--data" in lines[0] and "no such file" in lines[0]
+    assert not (tmp_path / "run").exists()
+
+
+def test_bad_numbers_are_one_line_nonzero():
+    proc = _run("simulate", "--model", "tiny", "--clients", "0")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == ["fedswarm simulate: error: --clients must be >= 1, got 0"]
+
+
+def test_import_common_stays_light():
+    code = (
+        "import sys, fedswarm.common.config, fedswarm.common.data, fedswarm.common.model, fedswarm.common.lora;"
+        "heavy = [m for m in ('torch', 'transformers', 'peft', 'opacus', 'onnxruntime', 'optimum', 'flwr', 'ray') "
+        "if m in sys.modules]; print(heavy)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "[]"
