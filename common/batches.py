@@ -75,3 +75,19 @@ def answer_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch
 
     logits, targets = answer_logits(model, batch)
     return F.cross_entropy(logits.float(), targets)
+
+
+def per_sample_answer_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Each example's mean cross-entropy over its answer tokens, shape ``(batch,)``.
+
+    DP-SGD clips per example, so the loss must keep one term per example.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    logits, targets = answer_logits(model, batch)
+    token_loss = F.cross_entropy(logits.float(), targets, reduction="none")
+    counts = (batch["labels"][:, 1:] != IGNORE_INDEX).sum(1)
+    rows = torch.repeat_interleave(torch.arange(counts.numel()), counts)
+    sums = torch.zeros(counts.numel(), dtype=token_loss.dtype).index_add(0, rows, token_loss)
+    return sums / counts.clamp(min=1)

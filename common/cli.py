@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 from fedswarm.common.errors import FedswarmError
 
-COMMANDS = ("fedswarm.simulation.simulate",)
+COMMANDS = ("fedswarm.simulation.simulate", "fedswarm.client.swarm.cli")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -41,6 +41,20 @@ class FederationConfig:
     max_samples: int = _opt(0, "read at most this many records (0: all)")
     max_seq_len: int = _opt(128, "tokens per example (prompt cut from the left)")
     precision: str = _opt("auto", "training autocast: auto (bf16 where the CPU has it natively), bf16, fp32")
+    aggregation: str = _opt(
+        "fedavg", "LoRA aggregation: fedavg (A, B averaged apart), ffa (A frozen), svd (product + SVD)"
+    )
+    global_rank: int = _opt(0, "svd: rank of the global adapter (0: the largest client rank)")
+    client_ranks: str = _opt("", "simulation: LoRA rank per partition, e.g. 4,8,16 (cycled); default --lora-rank")
+    dp: bool = _opt(False, "train each client's LoRA with Opacus DP-SGD (Poisson sampling, per-sample clipping)")
+    noise_multiplier: float = _opt(0.0, "DP noise std / clipping norm (0: calibrate from --epsilon)")
+    epsilon: float = _opt(0.0, "DP budget per node: calibrate noise for it over all rounds; nodes stop at it")
+    delta: float = _opt(1e-5, "DP delta")
+    max_grad_norm: float = _opt(1.0, "DP per-sample L2 clipping bound")
+    dp_seed: int = _opt(-1, "seed of the DP noise (tests); -1: OS randomness")
+    central_dp: bool = _opt(False, "server-side fixed-clipping DP on client updates (Flower's wrapper)")
+    central_noise: float = _opt(1.0, "central DP noise multiplier")
+    central_clip: float = _opt(1.0, "central DP clipping norm of each client's update")
     fraction_evaluate: float = _opt(0.0, "share of nodes running federated evaluation each round")
     cpus_per_client: float = _opt(1.0, "CPU cores reserved per virtual client (Ray)")
     out: str = _opt("", "run folder (default runs/run-DATE-TIME): metrics.jsonl, checkpoints, adapter/")
@@ -56,8 +70,38 @@ class FederationConfig:
             raise ValueError(f"--precision must be auto, bf16 or fp32, got {self.precision!r}")
         if not 0.0 <= self.fraction_evaluate <= 1.0:
             raise ValueError(f"--fraction-evaluate must be within [0, 1], got {self.fraction_evaluate}")
+        if self.aggregation not in ("fedavg", "ffa", "svd"):
+            raise ValueError(f"--aggregation must be fedavg, ffa or svd, got {self.aggregation!r}")
+        if self.dp and self.noise_multiplier <= 0 and self.epsilon <= 0:
+            raise ValueError("--dp needs --noise-multiplier > 0 or a target --epsilon > 0")
+        if not 0 < self.delta < 1:
+            raise ValueError(f"--delta must be within (0, 1), got {self.delta}")
+        if self.max_grad_norm <= 0 or self.central_clip <= 0:
+            raise ValueError("--max-grad-norm and --central-clip must be > 0")
+        if self.central_dp and self.aggregation == "svd":
+            raise ValueError("--central-dp works with --aggregation fedavg or ffa (it wraps FedAvg)")
+        if self.client_ranks and (self.aggregation != "svd" and len(set(self.ranks())) > 1):
+            raise ValueError("clients with different --client-ranks need --aggregation svd")
         if self.cpus_per_client <= 0:
             raise ValueError(f"--cpus-per-client must be > 0, got {self.cpus_per_client}")
+
+    def ranks(self) -> list[int]:
+        """Per-partition LoRA ranks from ``--client-ranks`` (empty: every client has ``--lora-rank``)."""
+        if not self.client_ranks:
+            return [self.lora_rank]
+        try:
+            ranks = [int(r) for r in self.client_ranks.split(",")]
+        except ValueError:
+            raise ValueError(f"--client-ranks must be comma-separated integers, got {self.client_ranks!r}") from None
+        if any(r < 1 for r in ranks):
+            raise ValueError(f"--client-ranks must be >= 1, got {self.client_ranks!r}")
+        return ranks
+
+    def server_rank(self) -> int:
+        """Rank of the global adapter the coordinator holds."""
+        if self.aggregation == "svd":
+            return self.global_rank or max(self.ranks())
+        return self.lora_rank
 
     def to_run_config(self) -> dict[str, Any]:
         """Flower run-config form (kebab-case keys)."""
@@ -74,9 +118,14 @@ def from_run_config(cls: type[T], run_config: Mapping[str, Any]) -> T:
     for f in fields(cls):  # type: ignore[arg-type]
         key = run_key(f.name)
         if key in run_config:
-            default = f.default
-            kwargs[f.name] = type(default)(run_config[key]) if default is not None else run_config[key]
+            kwargs[f.name] = _coerce(f.default, run_config[key])
     return cls(**kwargs)
+
+
+def _coerce(default: Any, value: Any) -> Any:
+    if isinstance(default, bool):
+        return value if isinstance(value, bool) else str(value).lower() in ("1", "true", "yes")
+    return type(default)(value) if default is not None else value
 
 
 def add_arguments(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:
@@ -85,6 +134,14 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, .
         if f.name in skip:
             continue
         default = f.default
+        if isinstance(default, bool):
+            parser.add_argument(
+                f"--{f.name.replace('_', '-')}",
+                action=argparse.BooleanOptionalAction,
+                default=default,
+                help=f.metadata.get("help", ""),
+            )
+            continue
         kind = type(default) if default is not dataclasses.MISSING and default is not None else str
         parser.add_argument(
             f"--{f.name.replace('_', '-')}",

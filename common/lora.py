@@ -91,3 +91,45 @@ def save_adapter(model: PeftModel, state: Mapping[str, torch.Tensor], folder: Pa
     load_adapter_state(model, state)
     with atomic_dir(Path(folder)) as tmp:
         model.save_pretrained(tmp)
+
+
+def resize_rank(
+    state: Mapping[str, torch.Tensor],
+    rank: int,
+    from_scale: float,
+    to_scale: float,
+    filler: Mapping[str, torch.Tensor] | None = None,
+) -> dict[str, torch.Tensor]:
+    """Re-express an adapter at another rank and scale, keeping ``scale * B @ A`` where it can.
+
+    Truncation keeps the leading components (the SVD aggregation orders them by singular
+    value); padding adds zero columns to B and takes the extra rows of A from ``filler``
+    (the receiver's own A), so the product is unchanged and the new components can train.
+    """
+    import torch
+
+    factor = (from_scale / to_scale) ** 0.5
+    out: dict[str, torch.Tensor] = {}
+    for key, tensor in state.items():
+        if key.endswith("lora_B.weight"):
+            resized = torch.zeros(tensor.shape[0], rank, dtype=tensor.dtype)
+            keep = min(rank, tensor.shape[1])
+            resized[:, :keep] = tensor[:, :keep] * factor
+        elif key.endswith("lora_A.weight"):
+            keep = min(rank, tensor.shape[0])
+            resized = torch.zeros(rank, tensor.shape[1], dtype=tensor.dtype)
+            if filler is not None and key in filler:
+                resized[:] = filler[key][:rank]
+            resized[:keep] = tensor[:keep] * factor
+        else:
+            resized = tensor.clone()
+        out[key] = resized
+    return out
+
+
+def lora_rank_of(state: Mapping[str, torch.Tensor]) -> int:
+    """The rank of an adapter state (from its first lora_A)."""
+    for key, tensor in state.items():
+        if key.endswith("lora_A.weight"):
+            return int(tensor.shape[0])
+    raise ValueError("the adapter state holds no lora_A tensors")

@@ -39,10 +39,11 @@ def backend_config(cfg: FederationConfig) -> dict[str, Any]:
 def run_simulation(cfg: FederationConfig) -> None:
     """Run the ServerApp and ``cfg.clients`` virtual SuperNodes; always shuts Ray down."""
     flower_environment()
-    from fedswarm.client.trainer.app import app as client_app
-    from fedswarm.server.coordinator.app import app as server_app
     from flwr.app import Context, RecordDict
     from flwr.simulation.run_simulation import _run_simulation  # the engine behind run_simulation()
+
+    from fedswarm.client.trainer.app import app as client_app
+    from fedswarm.server.coordinator.app import app as server_app
 
     # Clients take their settings from each message's ConfigRecord, so only the
     # ServerApp's context carries the run config.

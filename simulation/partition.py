@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+
 from fedswarm.common.errors import FedswarmError
 
 MAX_DIRICHLET_TRIES = 100

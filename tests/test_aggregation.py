@@ -1,7 +1,8 @@
 import numpy as np
 import pytest
-from fedswarm.server.coordinator.strategy import LoraFedAvg
 from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
+
+from fedswarm.server.coordinator.strategy import LoraFedAvg
 
 
 @pytest.fixture(autouse=True)

@@ -1,4 +1,5 @@
 import torch
+
 from fedswarm.client.trainer.local_train import train_lora
 from fedswarm.common.data import Example
 from fedswarm.common.evaluate import evaluate, greedy_answers

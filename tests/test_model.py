@@ -2,6 +2,7 @@ import subprocess
 import sys
 
 import pytest
+
 from fedswarm.common.errors import FedswarmError
 from fedswarm.common.model import load_model, parse_model
 

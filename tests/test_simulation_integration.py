@@ -36,3 +36,46 @@ def test_two_round_simulation_writes_run_folder(labelled_file, tmp_path):
     assert "round | held-out loss | accuracy" in proc.stderr
     ray_left = subprocess.run(["pgrep", "-f", "ray::"], capture_output=True, text=True).stdout.strip()
     assert ray_left == "", f"Ray workers left running: {ray_left}"
+
+
+def _simulate(data, out, *extra: str) -> subprocess.CompletedProcess:
+    cmd = [
+        sys.executable, "-m", "fedswarm.common.cli", "simulate", "--model", "tiny", "--data", str(data),
+        "--clients", "3", "--rounds", "2", "--local-steps", "3", "--batch-size", "4", "--eval-size", "12",
+        "--out", str(out), *extra,
+    ]  # fmt: skip
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.integration
+def test_simulation_svd_mixed_ranks_with_local_dp(labelled_file, tmp_path):
+    out = tmp_path / "run"
+    proc = _simulate(
+        labelled_file, out, "--aggregation", "svd", "--client-ranks", "2,4,8", "--dp", "--noise-multiplier", "1.0",
+        "--dp-seed", "1", "--global-rank", "14",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][1:]
+    assert sorted(c["lora_rank"] for c in rows[0]["per_client"]) == [2, 4, 8]
+    assert rows[0]["epsilon_max"] < rows[1]["epsilon_max"]  # cumulative across rounds on each node
+    assert rows[1]["noise_multiplier"] == 1.0 and rows[1]["declined"] == 0
+    assert all(r["aggregation_residual"] < 1e-5 for r in rows)  # global rank 14 = 2 + 4 + 8: exact
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["privacy"]["local"]["epsilon_max"] == rows[1]["epsilon_max"]
+    privacy = json.loads((out / "adapter" / "privacy.json").read_text())
+    assert privacy["local"]["delta"] == 1e-5
+
+
+@pytest.mark.integration
+def test_simulation_ffa_with_central_dp(labelled_file, tmp_path):
+    out = tmp_path / "run"
+    proc = _simulate(labelled_file, out, "--aggregation", "ffa", "--central-dp", "--central-noise", "0.5")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][1:]
+    assert all(r["aggregation_residual"] < 1e-5 for r in rows)  # ffa is exact
+    assert 0 < rows[0]["central_epsilon"] < rows[1]["central_epsilon"]
+    from fedswarm.common.lora import adapter_state, attach_lora
+    from fedswarm.common.model import load_model
+
+    full = sum(t.numel() * 4 for t in adapter_state(attach_lora(load_model("tiny"), 8, 16.0, 0)).values())
+    assert rows[0]["bytes_up"] < 0.6 * 3 * full and rows[0]["bytes_down"] < 0.6 * 3 * full  # only B travels

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
+
 from fedswarm.common.batches import answer_loss, collate, encode
 from fedswarm.common.data import Example
 

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
 from fedswarm.common.config import FederationConfig, from_run_config
 from fedswarm.common.logs import setup_logging
 from fedswarm.server.coordinator.federation import run_federation
-from flwr.app import Context
-from flwr.serverapp import Grid, ServerApp
 
 app = ServerApp()
 

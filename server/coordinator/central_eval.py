@@ -26,7 +26,7 @@ class CentralEvaluator:
         torch.set_num_threads(max(1, torch.get_num_threads()))
         self.cfg = cfg
         self.tokenizer = load_tokenizer(cfg.model)
-        self.model = attach_lora(load_model(cfg.model), cfg.lora_rank, cfg.lora_alpha, cfg.seed)
+        self.model = attach_lora(load_model(cfg.model), cfg.server_rank(), cfg.lora_alpha, cfg.seed)
         records = load_examples(cfg.data, cfg.max_samples)
         split = holdout_split(len(records), cfg.eval_size, cfg.seed)
         self.holdout: list[Example] = [records[i] for i in split.holdout]

@@ -7,14 +7,23 @@ import time
 from dataclasses import asdict, replace
 from typing import Any
 
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.serverapp import Grid
+
 from fedswarm.common.config import FederationConfig
 from fedswarm.common.errors import FedswarmError
 from fedswarm.server.coordinator.central_eval import CentralEvaluator
+from fedswarm.server.coordinator.round_plan import (
+    NodeBook,
+    aggregation_residual,
+    learn_from,
+    outgoing_state,
+    personalise,
+    privacy_row,
+)
 from fedswarm.server.coordinator.rounds import Collected, send_and_collect
 from fedswarm.server.coordinator.run_dir import RunDir
-from fedswarm.server.coordinator.strategy import LoraFedAvg
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
-from flwr.serverapp import Grid
+from fedswarm.server.coordinator.strategy import build_strategy
 
 log = logging.getLogger("fedswarm")
 
@@ -30,46 +39,59 @@ def run_federation(grid: Grid, cfg: FederationConfig) -> dict[str, Any]:
     run = RunDir(cfg.out)
     if run.read_metrics():
         raise FedswarmError(f"--out {cfg.out}: already holds a run (metrics.jsonl); choose another folder")
-    strategy = LoraFedAvg(min_clients=cfg.clients, fraction_evaluate=cfg.fraction_evaluate)
+    strategy = build_strategy(cfg, cfg.clients)
     evaluator = CentralEvaluator(cfg)
     state = evaluator.initial_state()
+    fixed_a = {k: v for k, v in state.items() if "lora_A" in k}  # the shared seeded A (ffa keeps it)
+    book = NodeBook()
     rows = [_round_zero(evaluator, state, run)]
     node_ids = _wait_for_nodes(grid, cfg.clients)
+    last_round = 0
     for round_no in range(1, cfg.rounds + 1):
         t0 = time.perf_counter()
         log.info("round %d/%d: training on %d clients", round_no, cfg.rounds, len(node_ids))
         config = ConfigRecord({**cfg.to_run_config(), "server-round": round_no})
-        record = RecordDict({"arrays": ArrayRecord(state), "config": config})
-        messages = [Message(content=record, message_type=MessageType.TRAIN, dst_node_id=n) for n in node_ids]
+        arrays = ArrayRecord(outgoing_state(cfg, state, None))
+        messages = personalise(strategy.configure_train(round_no, arrays, config, grid), cfg, state, book)
         collected = send_and_collect(grid, messages, ROUND_TIMEOUT_SECONDS, _progress(round_no))
-        if len(collected.replies) < cfg.clients:
-            raise FedswarmError(
-                f"round {round_no}: {len(collected.replies)} of {len(node_ids)} clients replied "
-                f"(need {cfg.clients}); failures: {'; '.join(collected.failures)}"
+        trained, declined = learn_from(collected.replies, book)
+        train_seconds = time.perf_counter() - t0
+        privacy = privacy_row(trained, declined)
+        if not trained:
+            log.warning(
+                "round %d: no client trained (%d declined: DP budget reached); stopping", round_no, len(declined)
             )
-        arrays, train_metrics = strategy.aggregate_train(round_no, collected.replies)
-        if arrays is None:
+            break
+        aggregated, train_metrics = strategy.aggregate_train(round_no, trained)
+        if aggregated is None:
             raise FedswarmError(f"round {round_no}: aggregation produced no adapter")
-        state = arrays.to_torch_state_dict()
-        fed_eval = _federated_eval(grid, strategy, round_no, state, config, node_ids)
+        new_state = aggregated.to_torch_state_dict()
+        if cfg.aggregation == "ffa":
+            new_state = {**fixed_a, **new_state}
+        residual = aggregation_residual(cfg, strategy, trained, new_state, fixed_a)
+        state = new_state
+        fed_eval = _federated_eval(grid, strategy, round_no, state, config, node_ids, cfg)
         result = evaluator(state)
-        row = _row(round_no, result, train_metrics, collected, time.perf_counter() - t0, evaluator.last_seconds)
-        row.update(fed_eval)
-        _commit(run, evaluator, state, round_no, row, cfg)
-        rows.append(row)
-        log.info(
-            "round %d/%d done in %.1f s: train loss %.4f, held-out loss %.4f, accuracy %s",
-            round_no,
-            cfg.rounds,
-            row["seconds"],
-            row["train_loss"],
-            row["eval_loss"],
-            _fmt(row["eval_accuracy"]),
+        row = _row(
+            round_no, result, train_metrics, collected, trained, time.perf_counter() - t0, evaluator.last_seconds
         )
-    run.publish_adapter(cfg.rounds)
+        row.update(train_seconds=train_seconds, aggregation_residual=residual, **privacy, **fed_eval)
+        row.update(_central_privacy(strategy, cfg))
+        _commit(run, evaluator, state, round_no, row, cfg, book)
+        rows.append(row)
+        last_round = round_no
+        log.info(
+            "round %d/%d done in %.1f s: train loss %.4f, held-out loss %.4f, accuracy %s, residual %.2e%s",
+            round_no, cfg.rounds, row["seconds"], row["train_loss"], row["eval_loss"], _fmt(row["eval_accuracy"]),
+            residual, f", epsilon max {privacy['epsilon_max']:.3f}" if privacy else "",
+        )  # fmt: skip
+    if last_round:
+        run.publish_adapter(last_round)
     run.plot_curves()
     summary = _summary(cfg, rows, time.perf_counter() - started)
     run.write_json("summary.json", summary)
+    if last_round and summary.get("privacy"):
+        run.write_json("adapter/privacy.json", summary["privacy"])
     log.info("\n%s", results_table(rows))
     log.info("run folder: %s (adapter/, metrics.jsonl, curves.png, summary.json)", run.root)
     return summary
@@ -107,21 +129,25 @@ def _progress(round_no: int) -> Any:
             log.warning("round %d: client %d/%d failed: %s", round_no, done, total, reply.error.reason)
             return
         metrics = reply.content["metrics"]
+        if int(metrics.get("declined", 0)):
+            log.warning("round %d: client %d/%d declined: %s", round_no, done, total, reply.content["privacy"]["note"])
+            return
         log.info(
-            "round %d: client %d/%d done (loss %.4f, %d steps, %.1f s)",
+            "round %d: client %d/%d done (loss %.4f, %d steps, %.1f s%s)",
             round_no, done, total, metrics["train-loss"], metrics["steps"], metrics["seconds"],
+            f", epsilon {metrics['epsilon']:.3f}" if "epsilon" in metrics else "",
         )  # fmt: skip
 
     return report
 
 
 def _federated_eval(
-    grid: Grid, strategy: LoraFedAvg, round_no: int, state: dict, config: ConfigRecord, node_ids: list[int]
+    grid: Grid, strategy: Any, round_no: int, state: dict, config: ConfigRecord, node_ids: list[int], cfg: Any
 ) -> dict[str, Any]:
-    if strategy.fraction_evaluate <= 0:
+    if cfg.fraction_evaluate <= 0:
         return {}
-    count = max(1, int(len(node_ids) * strategy.fraction_evaluate))
-    record = RecordDict({"arrays": ArrayRecord(state), "config": config})
+    count = max(1, int(len(node_ids) * cfg.fraction_evaluate))
+    record = RecordDict({"arrays": ArrayRecord(outgoing_state(cfg, state, None)), "config": config})
     msgs = [Message(content=record, message_type=MessageType.EVALUATE, dst_node_id=n) for n in node_ids[:count]]
     collected = send_and_collect(grid, msgs, ROUND_TIMEOUT_SECONDS)
     metrics = strategy.aggregate_evaluate(round_no, collected.replies)
@@ -130,8 +156,15 @@ def _federated_eval(
     return {f"node_{k.replace('-', '_')}": v for k, v in metrics.items() if k != "num-examples"}
 
 
+def _central_privacy(strategy: Any, cfg: FederationConfig) -> dict[str, Any]:
+    if not cfg.central_dp:
+        return {}
+    spent = strategy.privacy_spent()
+    return {"central_epsilon": spent.epsilon, "central_delta": spent.delta, "central_noise": cfg.central_noise}
+
+
 def _row(
-    round_no: int, result: Any, train: Any, collected: Collected, seconds: float, eval_seconds: float
+    round_no: int, result: Any, train: Any, collected: Collected, trained: list[Message], seconds: float, eval_s: float
 ) -> dict[str, Any]:
     train = dict(train or {})
     return {
@@ -139,23 +172,41 @@ def _row(
         "eval_loss": result.loss,
         "eval_accuracy": result.accuracy,
         "train_loss": train.get("train-loss"),
-        "clients": len(collected.replies),
+        "clients": len(trained),
         "failures": len(collected.failures),
         "bytes_down": collected.bytes_down,
         "bytes_up": collected.bytes_up,
         "seconds": seconds,
-        "eval_seconds": eval_seconds,
+        "eval_seconds": eval_s,
         "client_seconds": train.get("seconds"),
-        "client_peak_rss_mb": max(float(r.content["metrics"]["peak-rss-mb"]) for r in collected.replies),
+        "client_peak_rss_mb": max(float(r.content["metrics"]["peak-rss-mb"]) for r in trained),
+        "per_client": [_client_detail(r) for r in trained],
     }
 
 
-def _commit(run: RunDir, evaluator: CentralEvaluator, state: dict, round_no: int, row: dict, cfg: Any) -> None:
+def _client_detail(reply: Message) -> dict[str, Any]:
+    metrics = reply.content["metrics"]
+    detail = {
+        "node": int(reply.metadata.src_node_id),
+        "examples": int(metrics["num-examples"]),
+        "train_loss": float(metrics["train-loss"]),
+        "seconds": float(metrics["seconds"]),
+        "peak_rss_mb": float(metrics["peak-rss-mb"]),
+        "lora_rank": int(metrics["lora-rank"]),
+    }
+    if "epsilon" in metrics:
+        detail["epsilon"] = float(metrics["epsilon"])
+    return detail
+
+
+def _commit(
+    run: RunDir, evaluator: CentralEvaluator, state: dict, round_no: int, row: dict, cfg: Any, book: NodeBook
+) -> None:
     """Checkpoint first, metrics line second: a metrics line always has its checkpoint."""
     from fedswarm.common.lora import save_adapter
 
     save_adapter(evaluator.model, state, run.checkpoint(round_no))
-    run.write_state(round_no, {"round": round_no, "config": asdict(cfg), "metrics": row})
+    run.write_state(round_no, {"round": round_no, "config": asdict(cfg), "metrics": row, "nodes": book.to_json()})
     run.append_metrics(row)
 
 
@@ -164,7 +215,7 @@ def _summary(cfg: FederationConfig, rows: list[dict[str, Any]], seconds: float) 
     gain = None
     if first["eval_accuracy"] is not None and last["eval_accuracy"] is not None:
         gain = last["eval_accuracy"] - first["eval_accuracy"]
-    return {
+    summary: dict[str, Any] = {
         "config": asdict(cfg),
         "rounds": len(rows) - 1,
         "round0": {"eval_loss": first["eval_loss"], "eval_accuracy": first["eval_accuracy"]},
@@ -174,6 +225,15 @@ def _summary(cfg: FederationConfig, rows: list[dict[str, Any]], seconds: float) 
         "bytes_up": sum(r["bytes_up"] for r in rows),
         "seconds": seconds,
     }
+    privacy: dict[str, Any] = {}
+    if "epsilon_max" in last:
+        privacy["local"] = {k: last[k] for k in ("epsilon_max", "epsilon_mean", "delta", "noise_multiplier")}
+        privacy["local"]["max_grad_norm"] = last["max_grad_norm"]
+    if "central_epsilon" in last:
+        privacy["central"] = {"epsilon": last["central_epsilon"], "delta": last["central_delta"]}
+    if privacy:
+        summary["privacy"] = privacy
+    return summary
 
 
 def results_table(rows: list[dict[str, Any]]) -> str:

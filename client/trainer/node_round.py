@@ -1,0 +1,124 @@
+"""One training round on a node: adapter in, local (optionally DP) training, adapter out."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from fedswarm.client.trainer.runtime import Shard
+from fedswarm.common.config import FederationConfig
+
+if TYPE_CHECKING:
+    import torch
+    from peft import PeftModel
+    from transformers import PreTrainedTokenizerBase
+
+PRIVACY_KEY = "privacy"  # ConfigRecord in the node's Context.state and in replies
+
+
+@dataclass(frozen=True)
+class RoundOutput:
+    state: dict[str, torch.Tensor] | None  # None when the node declined to train
+    metrics: dict[str, float | int]
+    privacy_history: str | None  # accountant history (JSON) after this round
+    note: str = ""  # why the node declined, when it did
+
+
+def node_rank(cfg: FederationConfig, node_config: Mapping[str, Any], partition_id: int) -> int:
+    """This node's LoRA rank: node config ``lora-rank``, else ``--client-ranks``, else ``--lora-rank``."""
+    if "lora-rank" in node_config:
+        return int(node_config["lora-rank"])
+    ranks = cfg.ranks()
+    return ranks[max(partition_id, 0) % len(ranks)]
+
+
+def prepare_adapter(model: PeftModel, cfg: FederationConfig, received: dict[str, torch.Tensor], rank: int) -> None:
+    """Load the global adapter at this node's rank; in ffa mode freeze A (only B trains)."""
+    from fedswarm.common.lora import adapter_state, load_adapter_state, lora_rank_of, resize_rank
+
+    current = adapter_state(model)
+    if cfg.aggregation == "ffa":
+        received = {**{k: v for k, v in current.items() if "lora_A" in k}, **received}
+    sent_rank = lora_rank_of(received)
+    if sent_rank != rank:
+        received = resize_rank(received, rank, cfg.lora_alpha / sent_rank, cfg.lora_alpha / rank, filler=current)
+    load_adapter_state(model, received)
+    for name, param in model.named_parameters():
+        if "lora_" in name:
+            param.requires_grad_(not (cfg.aggregation == "ffa" and "lora_A" in name))
+
+
+def outgoing(model: PeftModel, cfg: FederationConfig) -> dict[str, torch.Tensor]:
+    """What the node sends: the whole adapter, or only B under ffa (A is the shared seed's)."""
+    from fedswarm.common.lora import adapter_state
+
+    state = adapter_state(model)
+    return {k: v for k, v in state.items() if "lora_B" in k} if cfg.aggregation == "ffa" else state
+
+
+def train_round(
+    model: PeftModel,
+    tokenizer: PreTrainedTokenizerBase,
+    shard: Shard,
+    cfg: FederationConfig,
+    server_round: int,
+    privacy_history: str | None,
+) -> RoundOutput:
+    seed = cfg.seed * 1_000_003 + server_round * 1009 + shard.partition_id
+    if cfg.dp:
+        return _train_dp(model, tokenizer, shard, cfg, seed, privacy_history)
+    from fedswarm.client.trainer.local_train import train_lora
+
+    result = train_lora(
+        model, tokenizer, shard.train, cfg.local_steps, cfg.batch_size, cfg.learning_rate,
+        cfg.max_seq_len, seed, cfg.precision,
+    )  # fmt: skip
+    metrics = {"train-loss": result.loss, "steps": result.steps, "seconds": result.seconds}
+    return RoundOutput(outgoing(model, cfg), metrics, None)
+
+
+def _train_dp(
+    model: PeftModel,
+    tokenizer: PreTrainedTokenizerBase,
+    shard: Shard,
+    cfg: FederationConfig,
+    seed: int,
+    privacy_history: str | None,
+) -> RoundOutput:
+    from fedswarm.client.trainer.privacy import Accountant, DpSettings, calibrate_noise, noise_generator, train_lora_dp
+
+    q = min(1.0, cfg.batch_size / len(shard.train))
+    sigma = cfg.noise_multiplier or calibrate_noise(cfg.epsilon, cfg.delta, q, cfg.rounds * cfg.local_steps)
+    settings = DpSettings(sigma, cfg.max_grad_norm, cfg.delta, cfg.epsilon, q)
+    accountant = Accountant.loads(privacy_history or "[]")
+    base = _privacy_metrics(settings, accountant.epsilon(cfg.delta), 0)
+    if cfg.epsilon > 0:
+        projected = accountant.epsilon(cfg.delta, extra=(sigma, q, cfg.local_steps))
+        if projected > cfg.epsilon * (1 + 1e-9):
+            note = f"declined: the next round would reach epsilon {projected:.3f} > budget {cfg.epsilon}"
+            metrics = {**base, "declined": 1, "projected-epsilon": projected}
+            return RoundOutput(None, metrics, accountant.dumps(), note)
+    result = train_lora_dp(
+        model, tokenizer, shard.train, cfg.local_steps, cfg.learning_rate, cfg.max_seq_len, settings, accountant,
+        seed, noise_generator(None if cfg.dp_seed < 0 else cfg.dp_seed + seed),
+    )  # fmt: skip
+    metrics = {
+        **_privacy_metrics(settings, result.epsilon, result.steps),
+        "train-loss": result.loss,
+        "seconds": result.seconds,
+        "empty-batches": result.empty_batches,
+        "dp-steps-total": accountant.steps,
+    }
+    return RoundOutput(outgoing(model, cfg), metrics, accountant.dumps())
+
+
+def _privacy_metrics(settings: Any, epsilon: float, steps: int) -> dict[str, float | int]:
+    return {
+        "epsilon": epsilon,
+        "delta": settings.delta,
+        "noise-multiplier": settings.noise_multiplier,
+        "max-grad-norm": settings.max_grad_norm,
+        "sample-rate": settings.sample_rate,
+        "steps": steps,
+    }
