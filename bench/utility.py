@@ -36,8 +36,8 @@ def centralised(args: argparse.Namespace) -> tuple[float, float]:
 
     from fedswarm.client.trainer.local_train import train_lora
     from fedswarm.common.config import FederationConfig
-    from fedswarm.common.evaluate import evaluate
     from fedswarm.common.data import load_examples
+    from fedswarm.common.evaluate import evaluate
     from fedswarm.common.splits import holdout_split
     from fedswarm.server.coordinator.central_eval import CentralEvaluator
 
