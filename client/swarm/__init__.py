@@ -1,0 +1,1 @@
+"""Swarm client: local embeddings and LM head, remote blocks along a planned route."""

@@ -1,0 +1,79 @@
+"""The client's view of the swarm: live servers, temporary bans, planned routes, channels.
+
+Bans are per process and temporary: a failed server is skipped for ``ban_s`` seconds, long
+enough to route around it, short enough that a restarted server is used again.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from fedswarm.client.swarm.discovery import Swarm, choose_swarm, list_servers
+from fedswarm.client.swarm.routing import DEFAULT_HOP_OVERHEAD_S, Hop, Peer, plan_route
+from fedswarm.protos import swarm_pb2_grpc
+from fedswarm.protos.transport import Security, open_channel
+
+log = logging.getLogger("fedswarm.swarm.client")
+
+
+class SwarmClient:
+    """Discovery, bans and routing for one model/adapter; channels are reused per server."""
+
+    def __init__(
+        self,
+        registries: Sequence[str],
+        security: Security | None = None,
+        model_id: str = "",
+        adapter_id: str | None = None,
+        ban_s: float = 60.0,
+        hop_overhead_s: float = DEFAULT_HOP_OVERHEAD_S,
+    ) -> None:
+        self.registries = list(registries)
+        self.security = security or Security()
+        self.ban_s = ban_s  # how long a failed server is skipped, seconds
+        self.hop_overhead_s = hop_overhead_s  # planning estimate of one hop's network cost, seconds
+        self._banned: dict[str, float] = {}  # address -> monotonic time the ban ends
+        self._channels: dict[str, Any] = {}
+        self.swarm: Swarm = self.refresh(model_id, adapter_id)
+
+    def refresh(self, model_id: str | None = None, adapter_id: str | None = None) -> Swarm:
+        """Re-read the registries (keeping the model and adapter chosen at the start)."""
+        if hasattr(self, "swarm"):
+            model_id, adapter_id = self.swarm.model_id, self.swarm.adapter_id
+        self.swarm = choose_swarm(list_servers(self.registries, self.security), model_id or "", adapter_id)
+        return self.swarm
+
+    @property
+    def num_blocks(self) -> int:
+        return self.swarm.num_blocks
+
+    def ban(self, address: str) -> None:
+        log.warning("banning server %s for %.0f s", address, self.ban_s)
+        self._banned[address] = time.monotonic() + self.ban_s
+        channel = self._channels.pop(address, None)
+        if channel is not None:
+            channel.close()
+
+    def banned(self) -> set[str]:
+        now = time.monotonic()
+        self._banned = {a: until for a, until in self._banned.items() if until > now}
+        return set(self._banned)
+
+    def plan(self, start: int = 0, end: int | None = None) -> list[Hop]:
+        """A route over blocks ``start..end-1`` among live, unbanned servers."""
+        peers = [Peer(s.address, s.start, s.end, s.throughput) for s in self.swarm.servers]
+        return plan_route(peers, start, self.num_blocks if end is None else end, self.banned(), self.hop_overhead_s)
+
+    def stub(self, address: str) -> swarm_pb2_grpc.BlockServerStub:
+        channel = self._channels.get(address)
+        if channel is None:
+            channel = self._channels[address] = open_channel(address, self.security)
+        return swarm_pb2_grpc.BlockServerStub(channel)
+
+    def close(self) -> None:
+        for channel in self._channels.values():
+            channel.close()
+        self._channels.clear()

@@ -1,0 +1,186 @@
+"""Inference sessions: hidden states streamed hop by hop, KV caches kept on the servers.
+
+Each hop remembers every input it was sent. When a hop fails, the session bans its server,
+plans a replacement for exactly that hop's blocks, replays the remembered inputs through the
+replacement to rebuild its cache, and carries on; the hops before and after keep their caches,
+and the caller sees the same outputs it would have seen without the failure.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from fedswarm.client.swarm.failures import MAX_ATTEMPTS, backoff_s, describe, fatal_error, is_retriable
+from fedswarm.client.swarm.routing import Hop, format_blocks
+from fedswarm.common.errors import FedswarmError
+from fedswarm.protos import swarm_pb2
+from fedswarm.protos.tensors import PROTOCOL_VERSION, from_proto, to_proto
+
+if TYPE_CHECKING:
+    import torch
+
+    from fedswarm.client.swarm.client import SwarmClient
+
+log = logging.getLogger("fedswarm.swarm.session")
+
+STEP_TIMEOUT_S = 60.0  # one step on one server; a slower server is treated as failed
+
+
+class _Stream:
+    """One server's side of a session: a bidirectional stream fed from a queue."""
+
+    def __init__(self, client: SwarmClient, hop: Hop, max_length: int, session_id: str) -> None:
+        self.hop = hop
+        self._first = swarm_pb2.InferenceRequest(
+            protocol_version=PROTOCOL_VERSION,
+            start=hop.start,
+            end=hop.end,
+            max_length=max_length,
+            session_id=session_id,
+        )
+        self._requests: queue.Queue[swarm_pb2.InferenceRequest | None] = queue.Queue()
+        self._replies = client.stub(hop.address).Inference(
+            iter(self._requests.get, None), metadata=client.security.metadata()
+        )
+        self.busy_since: float | None = None  # set while a step waits for its reply
+        self.compute_ms = 0.0  # server-side time of the last step
+
+    def step(self, hidden: torch.Tensor) -> torch.Tensor:
+        request = swarm_pb2.InferenceRequest(protocol_version=PROTOCOL_VERSION, hidden=to_proto(hidden))
+        if self._first is not None:
+            request.MergeFrom(self._first)
+            self._first = None
+        self.busy_since = time.monotonic()
+        try:
+            self._requests.put(request)
+            reply = next(self._replies)
+        finally:
+            self.busy_since = None
+        self.compute_ms = reply.compute_ms
+        return from_proto(reply.hidden)
+
+    def close(self) -> None:
+        self._requests.put(None)
+        self._replies.cancel()
+
+
+@dataclass
+class _Link:
+    """A hop of the live route: its stream and every input it has received (for replays)."""
+
+    stream: _Stream
+    inputs: list[Any] = field(default_factory=list)
+
+    @property
+    def hop(self) -> Hop:
+        return self.stream.hop
+
+
+class InferenceSession:
+    """A generation's route through the swarm, with per-server KV caches of ``max_length`` tokens."""
+
+    def __init__(self, client: SwarmClient, max_length: int) -> None:
+        self.client = client
+        self.max_length = max_length
+        self.session_id = f"{id(self):x}-{time.time_ns():x}"
+        self.length = 0  # tokens sent so far
+        self.links = [_Link(self._open(hop)) for hop in client.plan()]
+        self._closed = threading.Event()
+        threading.Thread(target=self._watchdog, name="session-watchdog", daemon=True).start()
+
+    @property
+    def route(self) -> list[Hop]:
+        return [link.hop for link in self.links]
+
+    def step(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Send new tokens' embeddings ([batch, new, hidden]) through every block; returns the last block's output."""
+        if self.length + hidden.shape[1] > self.max_length:
+            raise FedswarmError(f"session holds {self.length} tokens; {hidden.shape[1]} more exceed {self.max_length}")
+        x = hidden
+        index = 0
+        while index < len(self.links):
+            link = self.links[index]
+            try:
+                out = link.stream.step(x)
+            except Exception as exc:  # noqa: BLE001 (grpc raises RpcError subclasses and iterator errors)
+                if not is_retriable(exc):
+                    raise fatal_error(link.hop.address, exc) from None
+                self._replace(index, exc)
+                continue
+            link.inputs.append(x)
+            x = out
+            index += 1
+        self.length += hidden.shape[1]
+        return x
+
+    def server_ms(self) -> float:
+        """Server-side compute of the last step, summed over hops (to separate network from compute)."""
+        return sum(link.stream.compute_ms for link in self.links)
+
+    def close(self) -> None:
+        self._closed.set()
+        for link in self.links:
+            link.stream.close()
+
+    def __enter__(self) -> InferenceSession:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _open(self, hop: Hop) -> _Stream:
+        return _Stream(self.client, hop, self.max_length, self.session_id)
+
+    def _replace(self, index: int, error: BaseException) -> None:
+        """Swap the failed hop for servers covering its blocks, and rebuild their caches."""
+        failed = self.links[index]
+        start, end = failed.hop.start, failed.hop.end
+        failed.stream.close()
+        self.client.ban(failed.hop.address)
+        log.warning(
+            "server %s failed on %s (%s); re-routing", failed.hop.address, format_blocks(start, end), describe(error)
+        )
+        history = _concat(failed.inputs)
+        for attempt in range(MAX_ATTEMPTS):
+            time.sleep(backoff_s(attempt))
+            self.client.refresh()
+            links = [_Link(self._open(hop)) for hop in self.client.plan(start, end)]  # NoRouteError names the gap
+            current = links[0]
+            try:
+                x = history
+                for current in links:
+                    if x is not None:
+                        current.inputs.append(x)
+                        x = current.stream.step(x)
+            except Exception as exc:  # noqa: BLE001
+                for link in links:
+                    link.stream.close()
+                if not is_retriable(exc):
+                    raise fatal_error(current.hop.address, exc) from None
+                self.client.ban(current.hop.address)
+                continue
+            self.links[index : index + 1] = links
+            log.info("re-routed %s via %s", format_blocks(start, end), ", ".join(h.address for h in self.route))
+            return
+        raise FedswarmError(f"gave up re-routing {format_blocks(start, end)} after {MAX_ATTEMPTS} attempts")
+
+    def _watchdog(self) -> None:
+        """Cancel a stream whose step takes longer than STEP_TIMEOUT_S, so a hung server counts as failed."""
+        while not self._closed.wait(1.0):
+            now = time.monotonic()
+            for link in list(self.links):
+                since = link.stream.busy_since
+                if since is not None and now - since > STEP_TIMEOUT_S:
+                    log.warning("server %s silent for %.0f s", link.hop.address, now - since)
+                    link.stream.close()
+
+
+def _concat(inputs: list[Any]) -> Any:
+    import torch
+
+    return torch.cat(inputs, dim=1) if inputs else None

@@ -1,0 +1,1 @@
+"""Swarm serving: the registry of block servers, and block servers holding spans of a model."""

@@ -1,0 +1,74 @@
+"""Keeping a server's registry entries alive: announce to every registry, refresh before the TTL lapses.
+
+A registry that is down is retried with exponential backoff (logged at WARNING with the
+delay) while the others keep being refreshed; the server goes on serving regardless.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Sequence
+
+from fedswarm.protos import swarm_pb2, swarm_pb2_grpc
+from fedswarm.protos.tensors import PROTOCOL_VERSION
+from fedswarm.protos.transport import Security, open_channel
+
+log = logging.getLogger("fedswarm.swarm.announcer")
+
+MAX_BACKOFF_S = 30.0
+
+
+class Announcer:
+    """A background thread announcing ``info`` to each registry every ``ttl_s / 3`` seconds."""
+
+    def __init__(self, registries: Sequence[str], info: swarm_pb2.ServerInfo, ttl_s: float, security: Security) -> None:
+        self.registries = list(registries)
+        self.info = info
+        self.ttl_s = ttl_s
+        self.security = security
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    def announce_once(self, registry: str, ttl_s: float) -> None:
+        """One announcement (``ttl_s`` 0 withdraws); raises ``grpc.RpcError`` on failure."""
+        channel = open_channel(registry, self.security)
+        try:
+            stub = swarm_pb2_grpc.RegistryStub(channel)
+            request = swarm_pb2.AnnounceRequest(protocol_version=PROTOCOL_VERSION, server=self.info, ttl_s=ttl_s)
+            stub.Announce(request, timeout=5.0, metadata=self.security.metadata())
+        finally:
+            channel.close()
+
+    def start(self) -> None:
+        for registry in self.registries:
+            thread = threading.Thread(target=self._loop, args=(registry,), name=f"announce-{registry}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def stop(self) -> None:
+        """Stop refreshing and withdraw the entries, so clients stop routing here at once."""
+        import grpc
+
+        self._stop.set()
+        for registry in self.registries:
+            try:
+                self.announce_once(registry, 0.0)
+            except grpc.RpcError:
+                pass
+
+    def _loop(self, registry: str) -> None:
+        import grpc
+
+        delay = 1.0
+        while not self._stop.is_set():
+            try:
+                self.announce_once(registry, self.ttl_s)
+            except grpc.RpcError as exc:
+                log.warning("registry %s unreachable (%s); retrying in %.0f s", registry, exc.code().name, delay)
+                if self._stop.wait(delay):
+                    return
+                delay = min(delay * 2, MAX_BACKOFF_S)
+                continue
+            delay = 1.0
+            self._stop.wait(self.ttl_s / 3)

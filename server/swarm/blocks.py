@@ -1,0 +1,198 @@
+"""Block compute: a contiguous span of decoder blocks, and the KV cache of one session.
+
+A :class:`SpanModel` is what a block server holds: blocks ``start..end-1`` of the model and
+the rotary table, nothing else. Its layers are indexed locally (0..n-1) so a session's cache
+has exactly one slot per hosted block.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from fedswarm.common.errors import FedswarmError
+from fedswarm.common.model import ModelSpec
+
+if TYPE_CHECKING:
+    import torch
+
+log = logging.getLogger("fedswarm.swarm.blocks")
+
+_LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+
+
+class SpanCache:
+    """A preallocated KV cache for ``n_layers`` blocks and ``max_length`` tokens.
+
+    Preallocating makes the memory bound exact (the server reserves :attr:`nbytes` before it
+    accepts a session) and avoids re-copying the cache at every step. It quacks like the one
+    method of transformers' ``Cache`` the attention layers call: :meth:`update`.
+    """
+
+    def __init__(self, n_layers: int, batch: int, kv_heads: int, head_dim: int, max_length: int, dtype: Any) -> None:
+        import torch
+
+        shape = (n_layers, batch, kv_heads, max_length, head_dim)
+        self.keys = torch.zeros(shape, dtype=dtype)
+        self.values = torch.zeros(shape, dtype=dtype)
+        self.length = 0  # tokens committed
+        self.max_length = max_length
+
+    @staticmethod
+    def size_bytes(n_layers: int, batch: int, kv_heads: int, head_dim: int, max_length: int, itemsize: int) -> int:
+        return 2 * n_layers * batch * kv_heads * max_length * head_dim * itemsize
+
+    def update(
+        self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, cache_kwargs: Any = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        end = self.length + key.shape[2]
+        self.keys[layer_idx, :, :, self.length : end] = key
+        self.values[layer_idx, :, :, self.length : end] = value
+        return self.keys[layer_idx, :, :, :end], self.values[layer_idx, :, :, :end]
+
+
+@dataclass
+class SpanModel:
+    """Blocks ``start..end-1`` of a model, ready to run hidden states through."""
+
+    config: Any
+    layers: Any  # torch.nn.ModuleList, indexed locally
+    rotary: Any  # LlamaRotaryEmbedding
+    start: int
+    end: int
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.config.hidden_size)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.layers.parameters()).dtype
+
+    def param_bytes(self) -> int:
+        """Bytes of every tensor this span holds (parameters and buffers)."""
+        tensors = [*self.layers.parameters(), *self.layers.buffers(), *self.rotary.buffers()]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def new_cache(self, start: int, end: int, batch: int, max_length: int) -> SpanCache:
+        cfg = self.config
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        return SpanCache(end - start, batch, cfg.num_key_value_heads, head_dim, max_length, self.dtype)
+
+    def cache_bytes(self, start: int, end: int, batch: int, max_length: int) -> int:
+        cfg = self.config
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        itemsize = next(self.layers.parameters()).element_size()
+        return SpanCache.size_bytes(end - start, batch, cfg.num_key_value_heads, head_dim, max_length, itemsize)
+
+    def forward(self, hidden: torch.Tensor, start: int, end: int, cache: SpanCache | None = None) -> torch.Tensor:
+        """Run ``hidden`` ([batch, new, hidden]) through blocks ``start..end-1`` (global indices).
+
+        Without a cache the sequence starts at position 0 (stateless ``Forward``); with one it
+        continues after the ``cache.length`` tokens the cache holds, and commits the new ones.
+        """
+        import torch
+
+        past = cache.length if cache is not None else 0
+        new = hidden.shape[1]
+        positions = torch.arange(past, past + new).unsqueeze(0).expand(hidden.shape[0], -1)
+        mask = None
+        if past > 0 and new > 1:  # sdpa's is_causal aligns top-left; spell the mask out
+            rows = torch.arange(new).unsqueeze(1) + past
+            mask = (torch.arange(past + new).unsqueeze(0) <= rows)[None, None]
+        x = hidden.to(self.dtype)
+        with torch.inference_mode():
+            embeddings = self.rotary(x, positions)
+            for i in range(start - self.start, end - self.start):
+                layer = self.layers[i]
+                if cache is not None:
+                    layer.self_attn.layer_idx = i - (start - self.start)
+                x = layer(
+                    x,
+                    attention_mask=mask,
+                    position_ids=positions,
+                    past_key_values=cache,
+                    position_embeddings=embeddings,
+                )
+        if cache is not None:
+            cache.length += new
+        return x.to(hidden.dtype)
+
+
+def load_span(spec: ModelSpec, start: int, end: int) -> SpanModel:
+    """Build blocks ``start..end-1`` of ``spec`` and load only their weights."""
+    import torch
+    from transformers import AutoConfig
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
+
+    config = _config(spec)
+    total = int(config.num_hidden_layers)
+    if not 0 <= start < end <= total:
+        raise FedswarmError(f"--blocks {start}:{end}: the model has blocks 0:{total} (END is exclusive)")
+    config._attn_implementation = "sdpa"
+    if spec.name == "tiny":
+        layers = _tiny_layers(start, end)
+    else:
+        with torch.device("meta"):
+            layers = torch.nn.ModuleList(LlamaDecoderLayer(config, i) for i in range(end - start))
+        state = {}
+        from fedswarm.server.swarm.weights import read_tensors
+
+        for name, tensor in read_tensors(_folder(spec), lambda n: _in_span(n, start, end)):
+            index, rest = _LAYER_KEY.match(name).groups()  # type: ignore[union-attr]
+            state[f"{int(index) - start}.{rest}"] = tensor.to(torch.float32)
+        layers.load_state_dict(state, strict=True, assign=True)
+    for i, layer in enumerate(layers):
+        layer.self_attn.layer_idx = i
+    layers.eval()
+    del AutoConfig
+    return SpanModel(config=config, layers=layers, rotary=LlamaRotaryEmbedding(config), start=start, end=end)
+
+
+def block_bytes(spec: ModelSpec, start: int, end: int) -> int:
+    """Bytes of blocks ``start..end-1`` in the model's files, without loading them."""
+    from fedswarm.server.swarm.weights import tensor_bytes
+
+    return tensor_bytes(_folder(spec), lambda n: _in_span(n, start, end))
+
+
+def num_blocks(spec: ModelSpec) -> int:
+    return int(_config(spec).num_hidden_layers)
+
+
+def _in_span(name: str, start: int, end: int) -> bool:
+    match = _LAYER_KEY.match(name)
+    return match is not None and start <= int(match.group(1)) < end
+
+
+def _tiny_layers(start: int, end: int) -> Any:
+    # The tiny model exists only as a seeded construction; it is a few MB, so build it and keep the span.
+    import torch
+
+    from fedswarm.common.model import load_model
+
+    full = load_model(ModelSpec("tiny"))
+    return torch.nn.ModuleList(list(full.model.layers[start:end]))
+
+
+def _config(spec: ModelSpec) -> Any:
+    from transformers import AutoConfig
+
+    from fedswarm.common.model import tiny_config
+
+    if spec.name == "tiny":
+        return tiny_config()
+    config = AutoConfig.from_pretrained(_folder(spec))
+    if config.model_type != "llama":
+        raise FedswarmError(f"--model: the swarm serves Llama-architecture models, this one is {config.model_type!r}")
+    return config
+
+
+def _folder(spec: ModelSpec) -> Any:
+    if spec.path is not None:
+        return spec.path
+    from fedswarm.common.gguf_convert import smollm2_folder
+
+    return smollm2_folder()

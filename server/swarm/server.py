@@ -1,0 +1,141 @@
+"""A block server process: load a span, measure it, serve it, announce it.
+
+Order matters: the server measures its throughput and starts listening before it
+announces, so a client never finds it in a registry before it can answer.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from collections.abc import Sequence
+from concurrent import futures
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fedswarm.common.memory import peak_rss_mb
+from fedswarm.common.model import ModelSpec
+from fedswarm.protos import swarm_pb2, swarm_pb2_grpc
+from fedswarm.protos.transport import Security, bind_server, server_interceptors
+
+log = logging.getLogger("fedswarm.swarm.server")
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """What ``fedswarm swarm serve`` was asked for."""
+
+    spec: ModelSpec
+    start: int  # first block (inclusive)
+    end: int  # last block (exclusive)
+    registries: tuple[str, ...]  # host:port of each registry to announce to
+    host: str = "127.0.0.1"  # interface to listen on
+    port: int = 0  # 0 picks a free port
+    public_host: str = ""  # host clients should dial; defaults to ``host``
+    adapter: Path | None = None  # PEFT adapter folder merged into the span
+    threads: int = 0  # torch threads; 0 leaves torch's default
+    throughput: float = 0.0  # block-tokens/s to announce; 0 measures it
+    ttl_s: float = 15.0  # registry entry lifetime, refreshed every ttl/3
+    cache_mb: float = 1024.0  # KV-cache budget over all sessions, MiB
+    max_length: int = 4096  # longest inference session, tokens
+    session_idle_s: float = 60.0  # a silent session is closed after this
+
+
+def parse_blocks(value: str) -> tuple[int, int]:
+    """``START:END`` (END exclusive) to a pair, with a one-line error otherwise."""
+    from fedswarm.common.errors import FedswarmError
+
+    try:
+        start_text, end_text = value.split(":")
+        start, end = int(start_text), int(end_text)
+    except ValueError:
+        raise FedswarmError(f"--blocks {value!r}: expected START:END, e.g. 0:15 (END exclusive)") from None
+    if not 0 <= start < end:
+        raise FedswarmError(f"--blocks {value!r}: need 0 <= START < END")
+    return start, end
+
+
+def start_server(cfg: ServeConfig, security: Security) -> tuple[Any, Any, swarm_pb2.ServerInfo]:
+    """Load, measure, listen and announce; returns the gRPC server, its announcer and its info."""
+    import grpc
+    import torch
+
+    from fedswarm.server.swarm.adapter import merge_adapter
+    from fedswarm.server.swarm.announcer import Announcer
+    from fedswarm.server.swarm.blocks import load_span, num_blocks
+    from fedswarm.server.swarm.handler import BlockServicer
+    from fedswarm.server.swarm.sessions import SessionTable
+    from fedswarm.server.swarm.throughput import measure_throughput
+
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    span = load_span(cfg.spec, cfg.start, cfg.end)
+    adapter = merge_adapter(span, cfg.adapter) if cfg.adapter is not None else ""
+    throughput = cfg.throughput or measure_throughput(span)
+    sessions = SessionTable(int(cfg.cache_mb * 2**20), cfg.session_idle_s)
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=32), interceptors=server_interceptors(security))
+    port = bind_server(server, cfg.host, cfg.port, security)
+    info = swarm_pb2.ServerInfo(
+        address=f"{cfg.public_host or cfg.host}:{port}",
+        model_id=cfg.spec.model_id,
+        start=cfg.start,
+        end=cfg.end,
+        throughput=throughput,
+        adapter_id=adapter,
+        num_blocks=num_blocks(cfg.spec),
+        version=_version(),
+    )
+    swarm_pb2_grpc.add_BlockServerServicer_to_server(BlockServicer(span, info, sessions, cfg.max_length), server)
+    server.start()
+    stop = threading.Event()
+    sessions.start_reaper(stop)
+    announcer = Announcer(cfg.registries, info, cfg.ttl_s, security)
+    announcer.start()
+    log.info(
+        "serving blocks %d:%d of %s on %s: %.1f MiB of weights, %.0f block-tokens/s, adapter %s, peak RSS %.0f MiB",
+        cfg.start, cfg.end, cfg.spec.model_id, info.address, span.param_bytes() / 2**20, throughput,
+        adapter or "none", peak_rss_mb(),
+    )  # fmt: skip
+    return server, announcer, info
+
+
+def run_server(cfg: ServeConfig, security: Security) -> int:
+    """``fedswarm swarm serve``: serve until SIGTERM/SIGINT, then withdraw from the registries."""
+    server, announcer, info = start_server(cfg, security)
+    print(f"server ready on {info.address} blocks {info.start}:{info.end}", flush=True)
+    done = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: done.set())
+    try:
+        while not done.wait(0.5):
+            pass
+    except KeyboardInterrupt:
+        pass
+    finally:
+        announcer.stop()
+        server.stop(grace=1.0)
+    return 0
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("fedswarm")
+    except PackageNotFoundError:
+        return "dev"
+
+
+def registries_arg(values: Sequence[str]) -> tuple[str, ...]:
+    """``--registry`` may repeat or hold a comma list; each entry must be host:port."""
+    from fedswarm.common.errors import FedswarmError
+
+    out = tuple(a.strip() for value in values for a in value.split(",") if a.strip())
+    for address in out:
+        host, _, port = address.rpartition(":")
+        if not host or not port.isdigit():
+            raise FedswarmError(f"--registry {address!r}: expected HOST:PORT")
+    if not out:
+        raise FedswarmError("--registry: give at least one HOST:PORT")
+    return out

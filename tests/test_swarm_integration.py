@@ -1,0 +1,314 @@
+"""A real swarm on 127.0.0.1: registries and block servers as separate processes, TLS and a token.
+
+Layout (tiny model, 4 blocks), all processes started at once to share the start-up cost:
+  reg1: a[0:2] b[2:3] c[3:4] (base)  +  p1[0:1] p2[1:3] p3[3:4] (with a LoRA adapter)
+  reg2: a b c  +  v[2:4] (announces a huge throughput, so routes go a -> v; killed mid-generation)
+  reg3: a  +  w[2:4] (no replica; killed mid-generation)
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import torch
+
+from fedswarm.client.swarm.client import SwarmClient
+from fedswarm.client.swarm.head import load_head
+from fedswarm.client.swarm.model import SwarmModel
+from fedswarm.client.swarm.routing import NoRouteError
+from fedswarm.common.errors import FedswarmError
+from fedswarm.common.model import load_model, parse_model
+from fedswarm.protos.transport import Security
+
+pytestmark = pytest.mark.integration
+
+TOKEN = "test-swarm-token"
+PROMPT = [504, 3575, 282, 4649, 314]  # "The capital of France is"
+NEW_TOKENS = 12
+START_TIMEOUT_S = 150.0
+
+
+@dataclass
+class Procs:
+    """Processes started by a test module; every one is stopped in the finaliser."""
+
+    folder: Path
+    procs: dict[str, subprocess.Popen] = field(default_factory=dict)
+    addresses: dict[str, str] = field(default_factory=dict)
+
+    def start(self, name: str, *args: str) -> None:
+        log = (self.folder / f"{name}.log").open("w")
+        env = {**os.environ, "FEDSWARM_SWARM_TOKEN": TOKEN, "OMP_NUM_THREADS": "1"}
+        cmd = [sys.executable, "-m", "fedswarm.common.cli", "swarm", *args]
+        self.procs[name] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+
+    def wait_ready(self, *names: str) -> None:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        pending = set(names)
+        while pending:
+            for name in sorted(pending):
+                text = (self.folder / f"{name}.log").read_text()
+                match = re.search(r"ready on (\S+)", text)
+                if match:
+                    self.addresses[name] = match.group(1)
+                    pending.discard(name)
+                elif self.procs[name].poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"{name} did not start:\n{text}")
+            time.sleep(0.2)
+
+    def kill(self, name: str) -> None:
+        proc = self.procs[name]
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+
+    def stop_all(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in self.procs.values():
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def _make_certs(folder: Path) -> tuple[Path, Path, Path]:
+    """A throwaway CA and a certificate for 127.0.0.1 / localhost signed by it."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fedswarm test CA")])
+    ca = (
+        x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )  # fmt: skip
+    key = ec.generate_private_key(ec.SECP256R1())
+    sans = [x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")]
+    cert = (
+        x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
+        .issuer_name(ca_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )  # fmt: skip
+    paths = folder / "ca.pem", folder / "server.pem", folder / "server.key"
+    paths[0].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    paths[1].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    paths[2].write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    return paths
+
+
+def _make_adapter(folder: Path) -> Path:
+    from fedswarm.common.lora import attach_lora
+
+    peft_model = attach_lora(load_model("tiny"), rank=4, alpha=8.0, seed=0)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.3)
+    peft_model.save_pretrained(folder)
+    return folder
+
+
+@dataclass
+class Swarm:
+    procs: Procs
+    security: Security
+    adapter: Path
+
+    def registry(self, name: str) -> list[str]:
+        return [self.procs.addresses[name]]
+
+
+@pytest.fixture(scope="module")
+def swarm(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("swarm")
+    ca, cert, key = _make_certs(folder)
+    adapter = _make_adapter(folder / "adapter")
+    procs = Procs(folder)
+    tls = ["--tls-cert", str(cert), "--tls-key", str(key), "--tls-ca", str(ca)]
+    try:
+        for reg in ("reg1", "reg2", "reg3"):
+            procs.start(reg, "registry", "--port", "0", *tls)
+        procs.wait_ready("reg1", "reg2", "reg3")
+        r1, r2, r3 = (("--registry", procs.addresses[r]) for r in ("reg1", "reg2", "reg3"))
+        common = ["--model", "tiny", "--threads", "1", "--ttl", "30", *tls]
+        servers = {
+            "a": [*r1, *r2, *r3, "--blocks", "0:2"],
+            "b": [*r1, *r2, "--blocks", "2:3"],
+            "c": [*r1, *r2, "--blocks", "3:4"],
+            "v": [*r2, "--blocks", "2:4", "--throughput", "1e9"],
+            "w": [*r3, "--blocks", "2:4"],
+            "p1": [*r1, "--blocks", "0:1", "--adapter", str(adapter)],
+            "p2": [*r1, "--blocks", "1:3", "--adapter", str(adapter)],
+            "p3": [*r1, "--blocks", "3:4", "--adapter", str(adapter)],
+        }
+        for name, args in servers.items():
+            procs.start(name, "serve", *args, *common)
+        procs.wait_ready(*servers)
+        yield Swarm(procs, Security(token=TOKEN, tls_ca=ca), adapter)
+    finally:
+        procs.stop_all()
+
+
+def _local_greedy(model, steps: int) -> tuple[list[int], list[torch.Tensor]]:
+    """Greedy decoding in one process, with the model's own KV cache."""
+    ids = torch.tensor([PROMPT])
+    tokens, logits = [], []
+    past = None
+    with torch.no_grad():
+        for _ in range(steps):
+            out = model(input_ids=ids, past_key_values=past, use_cache=True)
+            past = out.past_key_values
+            step_logits = out.logits[0, -1].float()
+            token = int(step_logits.argmax())
+            tokens.append(token)
+            logits.append(step_logits)
+            ids = torch.tensor([[token]])
+    return tokens, logits
+
+
+@pytest.fixture(scope="module")
+def local_base():
+    model = load_model("tiny")
+    tokens, logits = _local_greedy(model, NEW_TOKENS)
+    generated = model.generate(torch.tensor([PROMPT]), max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=None)
+    assert generated[0, len(PROMPT) :].tolist() == tokens  # the loop above is HF's greedy decoding
+    return tokens, logits
+
+
+def _swarm_model(swarm: Swarm, registry: str, adapter_id: str | None = "") -> tuple[SwarmClient, SwarmModel]:
+    client = SwarmClient(swarm.registry(registry), swarm.security, adapter_id=adapter_id, ban_s=300)
+    return client, SwarmModel(client, load_head(parse_model("tiny")))
+
+
+def _assert_same(result, tokens, logits) -> None:
+    assert result.tokens == tokens
+    worst = max(float((a - b).abs().max()) for a, b in zip(result.logits, logits, strict=True))
+    assert worst < 1e-4, worst
+
+
+def test_greedy_generation_through_three_servers_equals_local(swarm, local_base):
+    client, model = _swarm_model(swarm, "reg1")
+    try:
+        routes = []
+        result = model.generate(PROMPT, NEW_TOKENS, on_token=lambda _t, s: routes.append(s.route))
+    finally:
+        client.close()
+    addresses = swarm.procs.addresses
+    assert [h.address for h in routes[0]] == [addresses["a"], addresses["b"], addresses["c"]]
+    _assert_same(result, *local_base)
+
+
+def test_stateless_forward_logits_equal_local(swarm):
+    model = load_model("tiny")
+    batch = torch.tensor([PROMPT + [7042, 30], PROMPT + [198, 198]])
+    client, swarm_model = _swarm_model(swarm, "reg1")
+    try:
+        remote = swarm_model.logits(batch)
+    finally:
+        client.close()
+    with torch.no_grad():
+        assert (remote - model(batch).logits).abs().max() < 1e-4
+
+
+def test_adapter_on_the_servers_equals_local_peft_model(swarm):
+    from peft import PeftModel
+
+    from fedswarm.server.swarm.adapter import adapter_id
+
+    reference = PeftModel.from_pretrained(load_model("tiny"), swarm.adapter).eval()
+    tokens, logits = _local_greedy(reference, NEW_TOKENS)
+    client, model = _swarm_model(swarm, "reg1", adapter_id=adapter_id(swarm.adapter))
+    try:
+        result = model.generate(PROMPT, NEW_TOKENS)
+        route = client.plan()
+    finally:
+        client.close()
+    addresses = swarm.procs.addresses
+    assert [h.address for h in route] == [addresses["p1"], addresses["p2"], addresses["p3"]]
+    _assert_same(result, tokens, logits)
+
+
+def test_mixed_adapters_need_a_choice(swarm):
+    with pytest.raises(FedswarmError, match="servers disagree on the adapter"):
+        SwarmClient(swarm.registry("reg1"), swarm.security)
+
+
+def test_server_killed_mid_generation_is_replaced_transparently(swarm, local_base):
+    client, model = _swarm_model(swarm, "reg2")
+    addresses = swarm.procs.addresses
+    routes = []
+
+    def kill_victim(_token, session):
+        routes.append([h.address for h in session.route])
+        if len(routes) == 4:
+            swarm.procs.kill("v")
+
+    try:
+        result = model.generate(PROMPT, NEW_TOKENS, on_token=kill_victim)
+    finally:
+        client.close()
+    assert routes[0] == [addresses["a"], addresses["v"]]
+    assert routes[-1] == [addresses["a"], addresses["b"], addresses["c"]]
+    _assert_same(result, *local_base)
+
+
+def test_server_killed_without_replica_names_the_missing_blocks(swarm):
+    client, model = _swarm_model(swarm, "reg3")
+
+    def kill_w(_token, session):
+        if session.length == len(PROMPT) + 2:
+            swarm.procs.kill("w")
+
+    try:
+        with pytest.raises(NoRouteError, match=r"no live server holds blocks 2-3") as info:
+            model.generate(PROMPT, NEW_TOKENS, on_token=kill_w)
+    finally:
+        client.close()
+    assert info.value.missing == [(2, 4)]
+
+
+def test_requests_without_a_valid_token_are_refused(swarm):
+    for token in ("", "wrong"):
+        with pytest.raises(FedswarmError, match=r"registry .* refused the swarm token"):
+            SwarmClient(swarm.registry("reg1"), Security(token=token, tls_ca=swarm.security.tls_ca))
+    # straight to a block server, past the registry
+    client, model = _swarm_model(swarm, "reg1")
+    try:
+        object.__setattr__(client, "security", Security(token="wrong", tls_ca=swarm.security.tls_ca))
+        with pytest.raises(FedswarmError, match=r"server 127\.0\.0\.1:\d+ refused the swarm token"):
+            model.generate(PROMPT, 2)
+    finally:
+        client.close()
+
+
+def test_plaintext_client_cannot_talk_to_a_tls_swarm(swarm):
+    with pytest.raises(FedswarmError, match="registry unreachable"):
+        SwarmClient(swarm.registry("reg1"), Security(token=TOKEN))
+
+
+def test_unreachable_registry_is_one_clear_error():
+    with pytest.raises(FedswarmError, match=r"registry unreachable: 127\.0\.0\.1:1 \(UNAVAILABLE\)"):
+        SwarmClient(["127.0.0.1:1"], Security())
