@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import multiprocessing
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -43,14 +45,26 @@ class Procs:
     """Processes started by a test module; every one is stopped in the finaliser."""
 
     folder: Path
-    procs: dict[str, subprocess.Popen] = field(default_factory=dict)
+    procs: dict[str, subprocess.Popen | multiprocessing.process.BaseProcess] = field(default_factory=dict)
     addresses: dict[str, str] = field(default_factory=dict)
 
     def start(self, name: str, *args: str) -> None:
+        """``fedswarm swarm ARGS`` as a subprocess of this interpreter."""
         log = (self.folder / f"{name}.log").open("w")
-        env = {**os.environ, "FEDSWARM_SWARM_TOKEN": TOKEN, "OMP_NUM_THREADS": "1"}
         cmd = [sys.executable, "-m", "fedswarm.common.cli", "swarm", *args]
-        self.procs[name] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+        self.procs[name] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=_env())
+
+    def fork(self, name: str, *args: str) -> None:
+        """``fedswarm swarm ARGS`` in a process forked from a server that already imported torch.
+
+        Importing torch and transformers takes ~10 s per process on a busy 2-core machine;
+        forking from a preloaded forkserver starts each block server in a fraction of that,
+        and each is still its own process with its own gRPC server (killable, with its own memory).
+        """
+        (self.folder / f"{name}.log").touch()
+        proc = _FORKSERVER.Process(target=_run_cli, args=(str(self.folder / f"{name}.log"), ["swarm", *args]))
+        proc.start()
+        self.procs[name] = proc
 
     def wait_ready(self, *names: str) -> None:
         deadline = time.monotonic() + START_TIMEOUT_S
@@ -62,25 +76,87 @@ class Procs:
                 if match:
                     self.addresses[name] = match.group(1)
                     pending.discard(name)
-                elif self.procs[name].poll() is not None or time.monotonic() > deadline:
+                elif not _alive(self.procs[name]) or time.monotonic() > deadline:
                     raise RuntimeError(f"{name} did not start:\n{text}")
             time.sleep(0.2)
 
     def kill(self, name: str) -> None:
         proc = self.procs[name]
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=10)
+        if isinstance(proc, subprocess.Popen):
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(timeout=10)
+        else:
+            proc.kill()
+            proc.join(timeout=10)
 
     def stop_all(self) -> None:
-        for proc in self.procs.values():
-            if proc.poll() is None:
-                proc.terminate()
-        for proc in self.procs.values():
-            try:
-                proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        """Servers first (they withdraw from the registries), then the registries."""
+        order = sorted(self.procs, key=lambda n: n.startswith("reg"))
+        for group in ([n for n in order if not n.startswith("reg")], [n for n in order if n.startswith("reg")]):
+            for name in group:
+                _terminate(self.procs[name])
+            for name in group:
+                _reap(self.procs[name])
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "FEDSWARM_SWARM_TOKEN": TOKEN, "OMP_NUM_THREADS": "1"}
+
+
+def _run_cli(log_path: str, argv: list[str]) -> None:
+    with open(log_path, "a") as log:
+        os.dup2(log.fileno(), 1)
+        os.dup2(log.fileno(), 2)
+    os.environ.update(_env())
+    from fedswarm.common.cli import main
+
+    sys.exit(main(argv))
+
+
+_FORKSERVER = multiprocessing.get_context("forkserver")
+_FORKSERVER.set_forkserver_preload(
+    [
+        "torch",
+        "transformers.models.llama.modeling_llama",
+        "transformers.models.auto.modeling_auto",
+        "fedswarm.client.swarm.cli",
+        "fedswarm.server.swarm.server",
+        "fedswarm.server.swarm.handler",
+    ]
+)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _noop() -> None:
+    pass
+
+
+def _alive(proc) -> bool:
+    return proc.poll() is None if isinstance(proc, subprocess.Popen) else proc.is_alive()
+
+
+def _terminate(proc) -> None:
+    if _alive(proc):
+        proc.terminate()
+
+
+def _reap(proc) -> None:
+    if isinstance(proc, subprocess.Popen):
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    else:
+        proc.join(timeout=5)
+        if proc.is_alive():
+            proc.kill()
+            proc.join()
 
 
 def _make_certs(folder: Path) -> tuple[Path, Path, Path]:
@@ -144,14 +220,17 @@ class Swarm:
 @pytest.fixture(scope="module")
 def swarm(tmp_path_factory):
     folder = tmp_path_factory.mktemp("swarm")
+    warm = _FORKSERVER.Process(target=_noop)  # the forkserver imports torch while we make certificates
+    warm.start()
     ca, cert, key = _make_certs(folder)
     adapter = _make_adapter(folder / "adapter")
     procs = Procs(folder)
     tls = ["--tls-cert", str(cert), "--tls-key", str(key), "--tls-ca", str(ca)]
     try:
-        for reg in ("reg1", "reg2", "reg3"):
-            procs.start(reg, "registry", "--port", "0", *tls)
-        procs.wait_ready("reg1", "reg2", "reg3")
+        for reg in ("reg1", "reg2", "reg3"):  # fixed ports, so servers can start alongside (they retry)
+            port = _free_port()
+            procs.start(reg, "registry", "--port", str(port), *tls)
+            procs.addresses[reg] = f"127.0.0.1:{port}"
         r1, r2, r3 = (("--registry", procs.addresses[r]) for r in ("reg1", "reg2", "reg3"))
         common = ["--model", "tiny", "--threads", "1", "--ttl", "30", *tls]
         servers = {
@@ -164,12 +243,26 @@ def swarm(tmp_path_factory):
             "p2": [*r1, "--blocks", "1:3", "--adapter", str(adapter)],
             "p3": [*r1, "--blocks", "3:4", "--adapter", str(adapter)],
         }
-        for name, args in servers.items():
-            procs.start(name, "serve", *args, *common)
-        procs.wait_ready(*servers)
-        yield Swarm(procs, Security(token=TOKEN, tls_ca=ca), adapter)
+        for name, args in servers.items():  # "a" through the installed entry point, the others forked
+            (procs.start if name == "a" else procs.fork)(name, "serve", *args, *common)
+        procs.wait_ready("reg1", "reg2", "reg3", *servers)
+        security = Security(token=TOKEN, tls_ca=ca)
+        _wait_listed(procs, security, {"reg1": "abcp", "reg2": "abcv", "reg3": "aw"}, servers)
+        yield Swarm(procs, security, adapter)
     finally:
         procs.stop_all()
+
+
+def _wait_listed(procs: Procs, security: Security, expected: dict[str, str], servers: dict) -> None:
+    """Wait until each registry lists its servers (they may have started before the registry)."""
+    from fedswarm.client.swarm.discovery import list_servers
+
+    deadline = time.monotonic() + 30
+    for reg, initials in expected.items():
+        want = {procs.addresses[name] for name in servers if name[0] in initials}
+        while {s.address for s in list_servers([procs.addresses[reg]], security)} != want:
+            assert time.monotonic() < deadline, f"{reg} does not list {sorted(want)}"
+            time.sleep(0.2)
 
 
 def _local_greedy(model, steps: int) -> tuple[list[int], list[torch.Tensor]]:

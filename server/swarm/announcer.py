@@ -30,13 +30,13 @@ class Announcer:
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
 
-    def announce_once(self, registry: str, ttl_s: float) -> None:
+    def announce_once(self, registry: str, ttl_s: float, timeout_s: float = 5.0) -> None:
         """One announcement (``ttl_s`` 0 withdraws); raises ``grpc.RpcError`` on failure."""
         channel = open_channel(registry, self.security)
         try:
             stub = swarm_pb2_grpc.RegistryStub(channel)
             request = swarm_pb2.AnnounceRequest(protocol_version=PROTOCOL_VERSION, server=self.info, ttl_s=ttl_s)
-            stub.Announce(request, timeout=5.0, metadata=self.security.metadata())
+            stub.Announce(request, timeout=timeout_s, metadata=self.security.metadata())
         finally:
             channel.close()
 
@@ -53,7 +53,7 @@ class Announcer:
         self._stop.set()
         for registry in self.registries:
             try:
-                self.announce_once(registry, 0.0)
+                self.announce_once(registry, 0.0, timeout_s=1.0)  # best effort: the TTL cleans up anyway
             except grpc.RpcError:
                 pass
 
