@@ -40,6 +40,8 @@ class FederationConfig:
     eval_size: int = _opt(200, "held-out examples, never given to a client")
     max_samples: int = _opt(0, "read at most this many records (0: all)")
     max_seq_len: int = _opt(128, "tokens per example (prompt cut from the left)")
+    device: str = _opt("auto", "auto (CUDA when available), cpu or cuda: training, evaluation")
+    quantize_base: str = _opt("", "4bit: load the frozen base in 4 bits (QLoRA, bitsandbytes; CUDA only)")
     precision: str = _opt("auto", "training autocast: auto (bf16 where the CPU has it natively), bf16, fp32")
     aggregation: str = _opt(
         "fedavg", "LoRA aggregation: fedavg (A, B averaged apart), ffa (A frozen), svd (product + SVD)"
@@ -56,7 +58,15 @@ class FederationConfig:
     central_noise: float = _opt(1.0, "central DP noise multiplier")
     central_clip: float = _opt(1.0, "central DP clipping norm of each client's update")
     fraction_evaluate: float = _opt(0.0, "share of nodes running federated evaluation each round")
-    cpus_per_client: float = _opt(1.0, "CPU cores reserved per virtual client (Ray)")
+    min_clients: int = _opt(0, "replies a round needs to go on (0: all of --clients); others may drop out")
+    round_timeout: float = _opt(3600.0, "seconds a round waits for replies; late nodes count as failures")
+    max_update_norm: float = _opt(0.0, "reject an update farther than this (L2) from the sent adapter (0: off)")
+    resume: str = _opt("", "continue the run in this folder from its last completed round's checkpoint")
+    cpus_per_client: float = _opt(1.0, "CPU cores reserved per virtual client (Ray); torch threads per client")
+    gpus_per_client: float = _opt(
+        -1.0, "GPUs per virtual client (Ray; 0.25: four share a GPU); -1: 0.25 with CUDA, else 0"
+    )
+    ray_address: str = _opt("", "run on an existing Ray cluster (HOST:PORT of its head); default: a local Ray")
     out: str = _opt("", "run folder (default runs/run-DATE-TIME): metrics.jsonl, checkpoints, adapter/")
 
     def __post_init__(self) -> None:
@@ -70,6 +80,10 @@ class FederationConfig:
             raise ValueError(f"--precision must be auto, bf16 or fp32, got {self.precision!r}")
         if not 0.0 <= self.fraction_evaluate <= 1.0:
             raise ValueError(f"--fraction-evaluate must be within [0, 1], got {self.fraction_evaluate}")
+        if not 0 <= self.min_clients <= self.clients:
+            raise ValueError(f"--min-clients must be within [0, --clients={self.clients}], got {self.min_clients}")
+        if self.round_timeout <= 0 or self.max_update_norm < 0:
+            raise ValueError("--round-timeout must be > 0 and --max-update-norm >= 0")
         if self.aggregation not in ("fedavg", "ffa", "svd"):
             raise ValueError(f"--aggregation must be fedavg, ffa or svd, got {self.aggregation!r}")
         if self.dp and self.noise_multiplier <= 0 and self.epsilon <= 0:
@@ -82,6 +96,8 @@ class FederationConfig:
             raise ValueError("--central-dp works with --aggregation fedavg or ffa (it wraps FedAvg)")
         if self.client_ranks and (self.aggregation != "svd" and len(set(self.ranks())) > 1):
             raise ValueError("clients with different --client-ranks need --aggregation svd")
+        if self.gpus_per_client < 0 and self.gpus_per_client != -1:
+            raise ValueError(f"--gpus-per-client must be >= 0 (or -1: auto), got {self.gpus_per_client}")
         if self.cpus_per_client <= 0:
             raise ValueError(f"--cpus-per-client must be > 0, got {self.cpus_per_client}")
 
@@ -96,6 +112,10 @@ class FederationConfig:
         if any(r < 1 for r in ranks):
             raise ValueError(f"--client-ranks must be >= 1, got {self.client_ranks!r}")
         return ranks
+
+    def needed_clients(self) -> int:
+        """Replies a round needs: ``--min-clients``, or every one of ``--clients`` when it is 0."""
+        return self.min_clients or self.clients
 
     def server_rank(self) -> int:
         """Rank of the global adapter the coordinator holds."""

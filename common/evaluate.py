@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from fedswarm.common.batches import IGNORE_INDEX, answer_logits, collate, encode, prompt_ids
+from fedswarm.common.batches import IGNORE_INDEX, answer_logits, collate, encode, prompt_ids, to_device
 from fedswarm.common.data import Example
 
 if TYPE_CHECKING:
@@ -42,16 +42,17 @@ def evaluate(
     if not examples:
         raise ValueError("evaluate() needs at least one example")
     was_training = model.training
+    device = next(model.parameters()).device
     model.eval()
     total, tokens, hits, labelled = 0.0, 0, 0, 0
     with torch.inference_mode():
         for start in range(0, len(examples), batch_size):
             chunk = examples[start : start + batch_size]
             batch = collate([encode(tokenizer, e, max_len) for e in chunk], int(tokenizer.pad_token_id))
-            logits, targets = answer_logits(model, batch)
+            logits, targets = answer_logits(model, to_device(batch, device))
             total += float(F.cross_entropy(logits.float(), targets, reduction="sum"))
             tokens += int(targets.numel())
-            correct = logits.argmax(-1) == targets
+            correct = (logits.argmax(-1) == targets).cpu()
             rows = (batch["labels"][:, 1:] != IGNORE_INDEX).sum(1).tolist()
             for example, per_row in zip(chunk, torch.split(correct, rows), strict=True):
                 if example.label is not None:
@@ -86,13 +87,14 @@ def greedy_answers(
             for row, p in enumerate(prompts):  # left padding: every row ends at its prompt's end
                 ids[row, width - len(p) :] = torch.tensor(p)
                 mask[row, width - len(p) :] = 1
+            device = next(model.parameters()).device
             out = model.generate(
-                input_ids=ids,
-                attention_mask=mask,
+                input_ids=ids.to(device),
+                attention_mask=mask.to(device),
                 max_new_tokens=longest + 1,
                 do_sample=False,
                 pad_token_id=pad,
                 eos_token_id=int(tokenizer.eos_token_id),
             )
-            answers.extend(tokenizer.decode(row, skip_special_tokens=True) for row in out[:, width:])
+            answers.extend(tokenizer.decode(row, skip_special_tokens=True) for row in out[:, width:].cpu())
     return answers

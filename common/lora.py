@@ -46,7 +46,7 @@ def adapter_state(model: PeftModel) -> dict[str, torch.Tensor]:
     """The adapter tensors only (PEFT's names, without the adapter-name infix), detached copies."""
     from peft import get_peft_model_state_dict
 
-    return {k: v.detach().clone().float() for k, v in get_peft_model_state_dict(model).items()}
+    return {k: v.detach().float().cpu().clone() for k, v in get_peft_model_state_dict(model).items()}
 
 
 def load_adapter_state(model: PeftModel, state: Mapping[str, torch.Tensor]) -> None:

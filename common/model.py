@@ -82,26 +82,41 @@ def load_tokenizer(spec: ModelSpec | str) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
-def load_model(spec: ModelSpec | str, dtype: torch.dtype | None = None) -> PreTrainedModel:
-    """Load the base causal LM in eval mode (float32 unless ``dtype`` says otherwise)."""
+def load_model(
+    spec: ModelSpec | str, dtype: torch.dtype | None = None, device: str = "cpu", quantize: str = ""
+) -> PreTrainedModel:
+    """Load the base causal LM in eval mode on ``device`` (float32 unless ``dtype`` says otherwise).
+
+    ``quantize="4bit"`` loads the frozen weights in NF4 (QLoRA; CUDA only, checked by
+    ``fedswarm.common.device.check_quantize_base``).
+    """
     import torch
     from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
+    from fedswarm.common.device import quantization_config
+
     spec = parse_model(spec) if isinstance(spec, str) else spec
     dtype = dtype or torch.float32
-    if spec.name == "tiny":
+    if spec.name == "tiny" and not quantize:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(TINY_SEED)
             model = LlamaForCausalLM(tiny_config())
-        model = model.to(dtype)
+        model = model.to(dtype=dtype, device=device)
     else:
         folder = spec.path if spec.path is not None else _smollm2()
+        extra = {"quantization_config": quantization_config(quantize), "device_map": {"": device}} if quantize else {}
         try:
-            model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+            model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **extra)
         except (OSError, ValueError) as exc:
             raise FedswarmError(f"--model {folder}: cannot load a causal LM from it ({exc})") from exc
+        if not quantize:
+            model = model.to(device)
     model.eval()
     return model
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
 
 
 def _smollm2() -> Path:

@@ -28,11 +28,20 @@ def flower_environment() -> None:
 
 
 def backend_config(cfg: FederationConfig) -> dict[str, Any]:
-    """Ray resources: each virtual client reserves ``cpus-per-client`` cores of this machine."""
-    cores = os.cpu_count() or 1
+    """Ray resources: each virtual client reserves ``cpus-per-client`` cores and ``gpus-per-client`` GPUs.
+
+    With ``--ray-address`` Ray joins that cluster and Flower sizes its actor pool from
+    the cluster's resources, so clients spread over every node; otherwise a local Ray
+    gets this machine's cores (and its GPUs, which Ray detects).
+    """
+    init: dict[str, Any] = {"include_dashboard": False, "logging_level": logging.WARNING}
+    if cfg.ray_address:
+        init["address"] = cfg.ray_address
+    else:
+        init["num_cpus"] = os.cpu_count() or 1
     return {
-        "client_resources": {"num_cpus": cfg.cpus_per_client, "num_gpus": 0.0},
-        "init_args": {"num_cpus": cores, "include_dashboard": False, "logging_level": logging.WARNING},
+        "client_resources": {"num_cpus": cfg.cpus_per_client, "num_gpus": max(0.0, cfg.gpus_per_client)},
+        "init_args": init,
     }
 
 
@@ -48,10 +57,11 @@ def run_simulation(cfg: FederationConfig) -> None:
     # Clients take their settings from each message's ConfigRecord, so only the
     # ServerApp's context carries the run config.
     context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=cfg.to_run_config())
+    where = f"the Ray cluster at {cfg.ray_address}" if cfg.ray_address else "a local Ray"
     log.info(
-        "simulation: %d virtual clients on Ray, %s cores per client (plain Flower: flwr run . "
+        "simulation: %d virtual clients on %s, %s CPUs and %s GPUs per client (plain Flower: flwr run . "
         "--run-config '%s')",
-        cfg.clients, cfg.cpus_per_client, _run_config_arg(cfg),
+        cfg.clients, where, cfg.cpus_per_client, cfg.gpus_per_client, _run_config_arg(cfg),
     )  # fmt: skip
     try:
         _run_simulation(

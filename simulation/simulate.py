@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 
 from fedswarm.common.config import FederationConfig, add_arguments, from_args
+
+AUTO_GPU_SHARE = 0.25
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -19,6 +22,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from fedswarm.common.data import resolve_data
+    from fedswarm.common.device import check_quantize_base, resolve_device
     from fedswarm.common.model import parse_model
     from fedswarm.simulation.engine import run_simulation
     from fedswarm.simulation.partition import parse_partition
@@ -27,5 +31,11 @@ def run(args: argparse.Namespace) -> int:
     parse_model(cfg.model)  # fail here, in one line, before Ray starts
     resolve_data(cfg.data)
     parse_partition(cfg.partition)
+    device = resolve_device(cfg.device)
+    check_quantize_base(cfg.quantize_base, device)
+    if cfg.gpus_per_client < 0:  # auto: four clients share a GPU; none on a CPU-only machine
+        cfg = replace(cfg, gpus_per_client=AUTO_GPU_SHARE if device == "cuda" else 0.0)
+    if device == "cuda" and cfg.gpus_per_client == 0 and not cfg.ray_address:
+        raise ValueError("--device cuda with --gpus-per-client 0: Ray would hide the GPU from every client")
     run_simulation(cfg)
     return 0

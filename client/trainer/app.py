@@ -16,15 +16,19 @@ from fedswarm.common.config import FederationConfig, from_run_config
 app = ClientApp()
 
 
-def _setup(msg: Message) -> tuple[FederationConfig, int]:
+def _setup(msg: Message) -> tuple[FederationConfig, int, str]:
     import torch
+
+    from fedswarm.common.device import check_quantize_base, resolve_device
 
     config = dict(msg.content["config"])
     cfg = from_run_config(FederationConfig, config)
     threads = max(1, int(cfg.cpus_per_client))
     if torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
-    return cfg, int(config.get("server-round", 0))
+    device = resolve_device(cfg.device)
+    check_quantize_base(cfg.quantize_base, device)
+    return cfg, int(config.get("server-round", 0)), device
 
 
 def _privacy_history(msg: Message, context: Context) -> str | None:
@@ -38,12 +42,13 @@ def _privacy_history(msg: Message, context: Context) -> str | None:
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """One round of local training; replies with the adapter and train metrics."""
+    from fedswarm.client.trainer.node_info import node_info
     from fedswarm.common.memory import peak_rss_mb
 
-    cfg, server_round = _setup(msg)
+    cfg, server_round, device = _setup(msg)
     shard = shard_for(context.node_config, cfg)
     rank = node_rank(cfg, context.node_config, shard.partition_id)
-    model, tokenizer = lora_model(cfg.model, rank, cfg.lora_alpha, cfg.seed)
+    model, tokenizer = lora_model(cfg.model, rank, cfg.lora_alpha, cfg.seed, device, cfg.quantize_base)
     prepare_adapter(model, cfg, msg.content["arrays"].to_torch_state_dict(), rank)
     out = train_round(model, tokenizer, shard, cfg, server_round, _privacy_history(msg, context))
     if out.privacy_history is not None:
@@ -55,7 +60,7 @@ def train(msg: Message, context: Context) -> Message:
         "lora-rank": rank,
         "peak-rss-mb": peak_rss_mb(),
     }
-    content = RecordDict({"metrics": MetricRecord(metrics)})
+    content = RecordDict({"metrics": MetricRecord(metrics), "node-info": ConfigRecord(node_info(device))})
     if out.state is not None:
         content["arrays"] = ArrayRecord(out.state)
     if out.privacy_history is not None:
@@ -68,10 +73,10 @@ def evaluate(msg: Message, context: Context) -> Message:
     """Loss and accuracy of the received adapter on this node's own validation slice."""
     from fedswarm.common.evaluate import evaluate as run_eval
 
-    cfg, _ = _setup(msg)
+    cfg, _, device = _setup(msg)
     shard = shard_for(context.node_config, cfg)
     rank = node_rank(cfg, context.node_config, shard.partition_id)
-    model, tokenizer = lora_model(cfg.model, rank, cfg.lora_alpha, cfg.seed)
+    model, tokenizer = lora_model(cfg.model, rank, cfg.lora_alpha, cfg.seed, device, cfg.quantize_base)
     prepare_adapter(model, cfg, msg.content["arrays"].to_torch_state_dict(), rank)
     examples = shard.validation or shard.train[:8]
     result = run_eval(model, tokenizer, examples, cfg.max_seq_len)

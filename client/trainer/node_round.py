@@ -101,7 +101,7 @@ def _train_dp(
             return RoundOutput(None, metrics, accountant.dumps(), note)
     result = train_lora_dp(
         model, tokenizer, shard.train, cfg.local_steps, cfg.learning_rate, cfg.max_seq_len, settings, accountant,
-        seed, noise_generator(None if cfg.dp_seed < 0 else cfg.dp_seed + seed),
+        seed, noise_generator(None if cfg.dp_seed < 0 else cfg.dp_seed + seed, _device_of(model)),
     )  # fmt: skip
     metrics = {
         **_privacy_metrics(settings, result.epsilon, result.steps),
@@ -111,6 +111,10 @@ def _train_dp(
         "dp-steps-total": accountant.steps,
     }
     return RoundOutput(outgoing(model, cfg), metrics, accountant.dumps())
+
+
+def _device_of(model: PeftModel) -> str:
+    return str(next(model.parameters()).device.type)
 
 
 def _privacy_metrics(settings: Any, epsilon: float, steps: int) -> dict[str, float | int]:

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from fedswarm.common.batches import collate, encode, per_sample_answer_loss
+from fedswarm.common.batches import collate, encode, per_sample_answer_loss, to_device
 from fedswarm.common.data import Example
 
 if TYPE_CHECKING:
@@ -88,11 +88,11 @@ class DpTrainResult:
     empty_batches: int
 
 
-def noise_generator(seed: int | None) -> torch.Generator:
+def noise_generator(seed: int | None, device: str = "cpu") -> torch.Generator:
     """A seeded generator when a seed is given (tests), else one seeded from the OS."""
     import torch
 
-    gen = torch.Generator()
+    gen = torch.Generator(device=device)
     gen.manual_seed(seed if seed is not None else int.from_bytes(os.urandom(8), "little") >> 1)
     return gen
 
@@ -117,6 +117,7 @@ def train_lora_dp(
     gsm, optimizer = dp_components(model, settings, expected, learning_rate, generator)
     rng = np.random.default_rng(seed)
     pad = int(tokenizer.pad_token_id)
+    p0 = params[0]
     started, losses, empty = time.perf_counter(), [], 0
     model.train()
     try:
@@ -126,9 +127,11 @@ def train_lora_dp(
             if len(chosen) == 0:
                 empty += 1
                 for p in params:  # the clipped sum is zero; the step is noise only
-                    p.grad_sample = torch.zeros((1, *p.shape), dtype=p.dtype)
+                    p.grad_sample = torch.zeros((1, *p.shape), dtype=p.dtype, device=p.device)
             else:
-                batch = collate([encode(tokenizer, examples[i], max_seq_len) for i in chosen], pad)
+                batch = to_device(
+                    collate([encode(tokenizer, examples[i], max_seq_len) for i in chosen], pad), p0.device
+                )
                 loss = per_sample_answer_loss(model, batch).mean()
                 if not math.isfinite(float(loss.detach())):
                     raise FloatingPointError(f"DP training loss became {float(loss.detach())}")

@@ -24,13 +24,15 @@ class Shard:
 
 
 @functools.lru_cache(maxsize=1)
-def lora_model(model: str, rank: int, alpha: float, seed: int) -> tuple[PeftModel, PreTrainedTokenizerBase]:
+def lora_model(
+    model: str, rank: int, alpha: float, seed: int, device: str = "cpu", quantize: str = ""
+) -> tuple[PeftModel, PreTrainedTokenizerBase]:
     """The base model with a LoRA adapter, built once per process and overwritten each round."""
     from fedswarm.common.lora import attach_lora
     from fedswarm.common.model import load_model, load_tokenizer
 
     tokenizer = load_tokenizer(model)
-    return attach_lora(load_model(model), rank, alpha, seed), tokenizer
+    return attach_lora(load_model(model, device=device, quantize=quantize), rank, alpha, seed), tokenizer
 
 
 @functools.lru_cache(maxsize=2)

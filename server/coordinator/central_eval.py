@@ -23,10 +23,13 @@ class CentralEvaluator:
     def __init__(self, cfg: FederationConfig) -> None:
         import torch
 
+        from fedswarm.common.device import resolve_device
+
         torch.set_num_threads(max(1, torch.get_num_threads()))
         self.cfg = cfg
         self.tokenizer = load_tokenizer(cfg.model)
-        self.model = attach_lora(load_model(cfg.model), cfg.server_rank(), cfg.lora_alpha, cfg.seed)
+        device = resolve_device(cfg.device)
+        self.model = attach_lora(load_model(cfg.model, device=device), cfg.server_rank(), cfg.lora_alpha, cfg.seed)
         records = load_examples(cfg.data, cfg.max_samples)
         split = holdout_split(len(records), cfg.eval_size, cfg.seed)
         self.holdout: list[Example] = [records[i] for i in split.holdout]
@@ -34,7 +37,7 @@ class CentralEvaluator:
 
     def initial_state(self) -> dict[str, torch.Tensor]:
         """The seeded initial adapter (B = 0, so it equals the untouched base model)."""
-        return adapter_state(self.model)
+        return {k: v.cpu() for k, v in adapter_state(self.model).items()}
 
     def __call__(self, state: Mapping[str, torch.Tensor]) -> EvalResult:
         started = time.perf_counter()

@@ -13,6 +13,8 @@ from flwr.serverapp import Grid
 from fedswarm.common.config import FederationConfig
 from fedswarm.common.errors import FedswarmError
 from fedswarm.server.coordinator.central_eval import CentralEvaluator
+from fedswarm.server.coordinator.replies import Screened, screen_replies
+from fedswarm.server.coordinator.resume import Resumed, load_resume, restore_strategy, strategy_state
 from fedswarm.server.coordinator.round_plan import (
     NodeBook,
     aggregation_residual,
@@ -21,40 +23,44 @@ from fedswarm.server.coordinator.round_plan import (
     personalise,
     privacy_row,
 )
-from fedswarm.server.coordinator.rounds import Collected, send_and_collect
+from fedswarm.server.coordinator.rounds import Collected, send_and_collect, wait_for_nodes
 from fedswarm.server.coordinator.run_dir import RunDir
 from fedswarm.server.coordinator.strategy import build_strategy
 
 log = logging.getLogger("fedswarm")
 
 NODE_WAIT_SECONDS = 120.0
-ROUND_TIMEOUT_SECONDS = 3600.0
 
 
 def run_federation(grid: Grid, cfg: FederationConfig) -> dict[str, Any]:
     """Run ``cfg.rounds`` rounds and write the run folder; returns the summary."""
     started = time.perf_counter()
+    resumed = load_resume(cfg.resume, cfg) if cfg.resume else None
+    cfg = resumed.cfg if resumed else cfg
     if not cfg.out:
         cfg = replace(cfg, out=time.strftime("runs/run-%Y%m%d-%H%M%S"))
     run = RunDir(cfg.out)
-    if run.read_metrics():
+    if not resumed and run.read_metrics():
         raise FedswarmError(f"--out {cfg.out}: already holds a run (metrics.jsonl); choose another folder")
-    strategy = build_strategy(cfg, cfg.clients)
+    strategy = build_strategy(cfg, cfg.needed_clients())
     evaluator = CentralEvaluator(cfg)
     state = evaluator.initial_state()
     fixed_a = {k: v for k, v in state.items() if "lora_A" in k}  # the shared seeded A (ffa keeps it)
-    book = NodeBook()
-    rows = [_round_zero(evaluator, state, run)]
-    node_ids = _wait_for_nodes(grid, cfg.clients)
-    last_round = 0
-    for round_no in range(1, cfg.rounds + 1):
+    state, book, rows = _starting_point(resumed, strategy, evaluator, state, run)
+    last_round = resumed.round if resumed else 0
+    for round_no in range(last_round + 1, cfg.rounds + 1):
         t0 = time.perf_counter()
+        wanted = cfg.clients if round_no == 1 else cfg.needed_clients()  # wait for everyone only at the start
+        node_ids = wait_for_nodes(grid, wanted, cfg.needed_clients(), NODE_WAIT_SECONDS)
         log.info("round %d/%d: training on %d clients", round_no, cfg.rounds, len(node_ids))
         config = ConfigRecord({**cfg.to_run_config(), "server-round": round_no})
         arrays = ArrayRecord(outgoing_state(cfg, state, None))
         messages = personalise(strategy.configure_train(round_no, arrays, config, grid), cfg, state, book)
-        collected = send_and_collect(grid, messages, ROUND_TIMEOUT_SECONDS, _progress(round_no))
-        trained, declined = learn_from(collected.replies, book)
+        sent = {int(m.metadata.dst_node_id): m.content["arrays"].to_torch_state_dict() for m in messages}
+        collected = send_and_collect(grid, messages, cfg.round_timeout, _progress(round_no))
+        screened = screen_replies(collected.replies, cfg, sent, round_no)
+        _require_quorum(round_no, cfg, collected, screened)
+        trained, declined = learn_from(screened.accepted, book)
         train_seconds = time.perf_counter() - t0
         privacy = privacy_row(trained, declined)
         if not trained:
@@ -77,7 +83,8 @@ def run_federation(grid: Grid, cfg: FederationConfig) -> dict[str, Any]:
         )
         row.update(train_seconds=train_seconds, aggregation_residual=residual, **privacy, **fed_eval)
         row.update(_central_privacy(strategy, cfg))
-        _commit(run, evaluator, state, round_no, row, cfg, book)
+        row.update(rejected=len(screened.rejected), rejected_why=screened.rejected, failed_why=collected.failures)
+        _commit(run, evaluator, state, round_no, row, cfg, book, strategy_state(strategy))
         rows.append(row)
         last_round = round_no
         log.info(
@@ -110,17 +117,28 @@ def _round_zero(evaluator: CentralEvaluator, state: dict, run: RunDir) -> dict[s
     return row
 
 
-def _wait_for_nodes(grid: Grid, needed: int) -> list[int]:
-    deadline = time.monotonic() + NODE_WAIT_SECONDS
-    while True:
-        node_ids = sorted(grid.get_node_ids())
-        if len(node_ids) >= needed:
-            return node_ids
-        if time.monotonic() > deadline:
-            raise FedswarmError(
-                f"only {len(node_ids)} of {needed} client nodes connected within {NODE_WAIT_SECONDS:.0f} s"
-            )
-        time.sleep(1.0)
+def _starting_point(
+    resumed: Resumed | None, strategy: Any, evaluator: CentralEvaluator, initial: dict, run: RunDir
+) -> tuple[dict, NodeBook, list[dict[str, Any]]]:
+    """Adapter, node book and metrics rows to go on from: a resumed checkpoint, or round 0."""
+    if resumed is None:
+        return initial, NodeBook(), [_round_zero(evaluator, initial, run)]
+    restore_strategy(strategy, resumed.strategy_state)
+    log.info("resuming %s after round %d (%d nodes in the book)", run.root, resumed.round, len(resumed.book.ranks))
+    return resumed.state, resumed.book, resumed.rows
+
+
+def _require_quorum(round_no: int, cfg: FederationConfig, collected: Collected, screened: Screened) -> None:
+    """Fewer usable replies than ``--min-clients``: stop; the last checkpoint stays the one to resume from."""
+    usable, needed = len(screened.accepted), cfg.needed_clients()
+    for why in collected.failures:
+        log.warning("round %d: failed: %s", round_no, why)
+    if usable < needed:
+        raise FedswarmError(
+            f"round {round_no}: {usable} usable replies, the round needs {needed} (--min-clients); "
+            f"{len(collected.failures)} failed, {len(screened.rejected)} rejected: "
+            + "; ".join(collected.failures + screened.rejected)
+        )
 
 
 def _progress(round_no: int) -> Any:
@@ -149,7 +167,7 @@ def _federated_eval(
     count = max(1, int(len(node_ids) * cfg.fraction_evaluate))
     record = RecordDict({"arrays": ArrayRecord(outgoing_state(cfg, state, None)), "config": config})
     msgs = [Message(content=record, message_type=MessageType.EVALUATE, dst_node_id=n) for n in node_ids[:count]]
-    collected = send_and_collect(grid, msgs, ROUND_TIMEOUT_SECONDS)
+    collected = send_and_collect(grid, msgs, cfg.round_timeout)
     metrics = strategy.aggregate_evaluate(round_no, collected.replies)
     if metrics is None:
         return {}
@@ -196,17 +214,21 @@ def _client_detail(reply: Message) -> dict[str, Any]:
     }
     if "epsilon" in metrics:
         detail["epsilon"] = float(metrics["epsilon"])
+    if "node-info" in reply.content:  # where the client ran: host, Ray node, device
+        detail.update({k.replace("-", "_"): v for k, v in reply.content["node-info"].items()})
     return detail
 
 
 def _commit(
-    run: RunDir, evaluator: CentralEvaluator, state: dict, round_no: int, row: dict, cfg: Any, book: NodeBook
-) -> None:
+    run: RunDir, evaluator: CentralEvaluator, state: dict, round_no: int, row: dict, cfg: Any, book: NodeBook,
+    strategy: dict[str, Any],
+) -> None:  # fmt: skip
     """Checkpoint first, metrics line second: a metrics line always has its checkpoint."""
     from fedswarm.common.lora import save_adapter
 
     save_adapter(evaluator.model, state, run.checkpoint(round_no))
-    run.write_state(round_no, {"round": round_no, "config": asdict(cfg), "metrics": row, "nodes": book.to_json()})
+    saved = {"round": round_no, "config": asdict(cfg), "metrics": row, "nodes": book.to_json(), "strategy": strategy}
+    run.write_state(round_no, saved)
     run.append_metrics(row)
 
 

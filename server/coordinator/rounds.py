@@ -7,7 +7,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from flwr.app import Message
+from flwr.app import ConfigRecord, Message
 from flwr.serverapp import Grid
 
 log = logging.getLogger(__name__)
@@ -25,7 +25,22 @@ class Collected:
 
 def content_bytes(msg: Message) -> int:
     """Bytes of a message's records (arrays + metrics + configs), as Flower counts them."""
-    return int(sum(record.count_bytes() for record in msg.content.values()))
+    return int(sum(_record_bytes(record) for record in msg.content.values()))
+
+
+def _record_bytes(record: object) -> int:
+    """Flower's ``count_bytes``, except that an empty string counts 0 bytes (Flower 1.42 raises on it)."""
+    if isinstance(record, ConfigRecord):
+        return sum(len(k) + _value_bytes(v) for k, v in record.items())
+    return int(record.count_bytes())  # type: ignore[attr-defined]
+
+
+def _value_bytes(value: object) -> int:
+    if isinstance(value, list):
+        return sum(_value_bytes(v) for v in value)
+    if isinstance(value, str | bytes):
+        return len(value)
+    return 1 if isinstance(value, bool) else 8
 
 
 def send_and_collect(
@@ -58,3 +73,26 @@ def send_and_collect(
             time.sleep(POLL_SECONDS)
     out.failures.extend(f"message {mid}: no reply within {timeout:.0f} s" for mid in pending)
     return out
+
+
+def wait_for_nodes(grid: Grid, wanted: int, needed: int, patience: float) -> list[int]:
+    """Connected node ids once ``wanted`` are online, or ``needed`` when ``patience`` seconds have passed.
+
+    Raises ``FedswarmError`` when fewer than ``needed`` are online after ``patience`` seconds.
+    """
+    from fedswarm.common.errors import FedswarmError
+
+    deadline = time.monotonic() + patience
+    while True:
+        node_ids = sorted(grid.get_node_ids())
+        if len(node_ids) >= wanted:
+            return node_ids
+        if time.monotonic() > deadline:
+            if len(node_ids) >= needed:
+                log.warning("%d of %d client nodes online; going on with them (--min-clients %d)",
+                            len(node_ids), wanted, needed)  # fmt: skip
+                return node_ids
+            raise FedswarmError(
+                f"only {len(node_ids)} client nodes connected within {patience:.0f} s; the run needs {needed}"
+            )
+        time.sleep(1.0)

@@ -1,0 +1,128 @@
+"""Screening training replies before aggregation: malformed updates are rejected, never averaged.
+
+A node may be buggy, out of date or hostile. A reply is rejected when its adapter has
+other tensors than the ones the node was sent (missing, extra, or another shape), holds
+NaN or Inf, lies farther than ``--max-update-norm`` (L2 over all tensors) from the adapter
+it was sent, or when its weight (``num-examples``) is not a positive finite number.
+Replies that declined to train (DP budget) carry no adapter and pass through.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from flwr.app import Message
+
+from fedswarm.common.config import FederationConfig
+
+if TYPE_CHECKING:
+    import torch
+
+log = logging.getLogger("fedswarm")
+
+
+@dataclass
+class Screened:
+    accepted: list[Message] = field(default_factory=list)
+    rejected: list[str] = field(default_factory=list)  # "node N: why", one per rejected reply
+
+
+def screen_replies(
+    replies: list[Message], cfg: FederationConfig, sent: dict[int, dict[str, torch.Tensor]], round_no: int
+) -> Screened:
+    """Split ``replies`` into accepted ones and reasons for the rejected ones (logged at WARNING).
+
+    ``sent`` maps each node to the adapter it was sent (its rank under svd; B only under ffa).
+    Accepted replies come back ordered by node id, so aggregation sums in a fixed order.
+    """
+    out = Screened()
+    for reply in sorted(replies, key=lambda r: int(r.metadata.src_node_id)):
+        node = int(reply.metadata.src_node_id)
+        problem = reply_problem(reply, cfg, sent.get(node))
+        if problem is None:
+            out.accepted.append(reply)
+        else:
+            out.rejected.append(f"node {node}: {problem}")
+            log.warning("round %d: rejected the reply of node %d: %s", round_no, node, problem)
+    return out
+
+
+def reply_problem(reply: Message, cfg: FederationConfig, sent: dict[str, torch.Tensor] | None) -> str | None:
+    """Why this reply must not be aggregated, or None when it may be."""
+    if "metrics" not in reply.content.metric_records:
+        return "no metrics record"
+    metrics = reply.content.metric_records["metrics"]
+    weight = metrics.get("num-examples")
+    if isinstance(weight, bool) or not isinstance(weight, int | float) or not math.isfinite(weight) or weight <= 0:
+        return f"num-examples must be a positive number, got {weight!r}"
+    if int(metrics.get("declined", 0)):
+        return None
+    if "arrays" not in reply.content.array_records:
+        return "no adapter (arrays record)"
+    if sent is None:
+        return "no adapter was sent to this node this round"
+    try:
+        state = reply.content.array_records["arrays"].to_torch_state_dict()
+    except Exception as exc:  # noqa: BLE001 - a payload that does not decode is malformed, whatever the cause
+        return f"adapter does not decode: {exc}"
+    return tensor_problem(state, _expected_shapes(sent, cfg, metrics.get("lora-rank")), sent, cfg.max_update_norm)
+
+
+def tensor_problem(
+    state: dict[str, torch.Tensor],
+    expected: dict[str, tuple[int, ...]],
+    sent: dict[str, torch.Tensor],
+    max_norm: float,
+) -> str | None:
+    """Keys, shapes, finiteness and distance from ``sent`` of an adapter update."""
+    import torch
+
+    missing, extra = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if missing or extra:
+        return f"adapter keys differ: {len(missing)} missing {missing[:1]}, {len(extra)} unexpected {extra[:1]}"
+    for key, shape in expected.items():
+        tensor = state[key]
+        if tuple(tensor.shape) != shape:
+            return f"{key} has shape {tuple(tensor.shape)}, expected {shape}"
+        if not tensor.is_floating_point():
+            return f"{key} has dtype {tensor.dtype}, expected a floating-point tensor"
+        if not bool(torch.isfinite(tensor).all()):
+            return f"{key} holds NaN or Inf"
+    if max_norm > 0:
+        norm = update_norm(state, sent)
+        if norm > max_norm:
+            return f"update norm {norm:.4g} exceeds --max-update-norm {max_norm:g}"
+    return None
+
+
+def update_norm(state: dict[str, torch.Tensor], sent: dict[str, torch.Tensor]) -> float:
+    """L2 norm of ``state - sent`` over all tensors (a node's update to the adapter it received).
+
+    Where the node trained at another rank than it was sent (svd), the received tensors
+    are compared with zeros, i.e. the whole adapter counts as update.
+    """
+    total = 0.0
+    for key, tensor in state.items():
+        before = sent.get(key)
+        delta = tensor.double() - before.double() if before is not None and before.shape == tensor.shape else tensor
+        total += float(delta.double().pow(2).sum())
+    return math.sqrt(total)
+
+
+def _expected_shapes(sent: dict[str, torch.Tensor], cfg: FederationConfig, rank: object) -> dict[str, tuple[int, ...]]:
+    """The node returns the tensors it was sent; under svd at its own (reported) rank."""
+    shapes = {k: tuple(v.shape) for k, v in sent.items()}
+    if cfg.aggregation != "svd" or isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        return shapes
+    resized = {}
+    for key, shape in shapes.items():
+        if "lora_A" in key:
+            resized[key] = (rank, *shape[1:])
+        elif "lora_B" in key:
+            resized[key] = (*shape[:-1], rank)
+        else:
+            resized[key] = shape
+    return resized
