@@ -1,0 +1,196 @@
+"""Greedy decoding through a 3-server swarm on localhost against the same model in one process.
+
+A registry and three block servers (blocks 0:10, 10:20, 20:30 of SmolLM2-135M) run as
+separate processes; the client runs embeddings and LM head. Local and swarm generations
+alternate (same prompt, same thread count) so background load hits both alike. Per-hop
+overhead is step time minus the servers' own compute minus the client's head, per hop.
+Memory: a server of blocks 0:15 against one of 0:30 (weights and resident set).
+
+    .venv/bin/python bench/swarm.py [--tokens 32] [--repeats 3] [--threads 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+PROMPT = "The capital of France is"
+SPLIT = ("0:10", "10:20", "20:30")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--tokens", type=int, default=32, help="new tokens per generation")
+    parser.add_argument("--repeats", type=int, default=3, help="generations of each kind, interleaved")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads of the client, local model and servers")
+    args = parser.parse_args()
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "OMP_WAIT_POLICY": "PASSIVE"}
+    with tempfile.TemporaryDirectory() as tmp:
+        procs: list[subprocess.Popen] = []
+        try:
+            memory = measure_memory(Path(tmp), args.model, env, procs)
+            registry = start(Path(tmp), "reg", ["registry", "--port", str(free_port())], env, procs)
+            servers = [
+                start(Path(tmp), f"s{i}", serve_args(registry, args.model, span, args.threads), env, procs)
+                for i, span in enumerate(SPLIT)
+            ]
+            wait_listed(registry, len(servers))
+            report(run(args, registry), memory, args)
+        finally:
+            for proc in procs:
+                proc.terminate()
+            for proc in procs:
+                proc.wait(timeout=10)
+
+
+def run(args: argparse.Namespace, registry: str) -> dict[str, list[float]]:
+
+    from fedswarm.client.swarm.client import SwarmClient
+    from fedswarm.client.swarm.head import load_head
+    from fedswarm.client.swarm.model import SwarmModel
+    from fedswarm.common.model import load_model, load_tokenizer, parse_model
+
+    spec = parse_model(args.model)
+    tokenizer = load_tokenizer(spec)
+    ids = tokenizer(PROMPT, add_special_tokens=False)["input_ids"]
+    local = load_model(spec)
+    client = SwarmClient([registry])
+    swarm = SwarmModel(client, load_head(spec))
+    head_s = time_head(swarm, ids)
+    out: dict[str, list[float]] = {"local": [], "swarm": [], "hop_ms": [], "server_ms": []}
+    try:
+        local_greedy(local, ids, 4)  # warm-up both paths
+        swarm.generate(ids, 4)
+        for _ in range(args.repeats):
+            tokens, step_s = local_greedy(local, ids, args.tokens)
+            out["local"].append(statistics.median(step_s[1:]))
+            result = swarm.generate(ids, args.tokens)
+            if result.tokens != tokens:
+                raise SystemExit(f"swarm tokens {result.tokens} differ from local {tokens}")
+            decode = list(zip(result.step_s[1:], result.server_ms[1:], strict=True))
+            out["swarm"].append(statistics.median(s for s, _ in decode))
+            out["server_ms"].append(statistics.median(ms for _, ms in decode))
+            out["hop_ms"].append(statistics.median((s - ms / 1e3 - head_s) * 1e3 / result.hops for s, ms in decode))
+        print(f"text: {PROMPT!r} -> {tokenizer.decode(tokens)!r}")
+        print(f"route: {', '.join(f'{h.address} [{h.start}:{h.end}]' for h in client.plan())}")
+        out["head_ms"] = [head_s * 1e3]
+    finally:
+        client.close()
+    return out
+
+
+def local_greedy(model, ids: list[int], steps: int) -> tuple[list[int], list[float]]:
+    import torch
+
+    x, past, tokens, times = torch.tensor([ids]), None, [], []
+    with torch.inference_mode():
+        for _ in range(steps):
+            begin = time.perf_counter()
+            result = model(input_ids=x, past_key_values=past, use_cache=True)
+            past = result.past_key_values
+            token = int(result.logits[0, -1].argmax())
+            times.append(time.perf_counter() - begin)
+            tokens.append(token)
+            x = torch.tensor([[token]])
+    return tokens, times
+
+
+def time_head(swarm, ids: list[int], repeats: int = 20) -> float:
+    """The client's own work per decoding step: one embedding lookup and the LM head."""
+    import torch
+
+    hidden = torch.randn(1, 1, swarm.head.norm.weight.shape[0])
+    begin = time.perf_counter()
+    for _ in range(repeats):
+        swarm.head.embed(torch.tensor([[ids[0]]]))
+        int(swarm.head.logits(hidden[:, -1])[0].argmax())
+    return (time.perf_counter() - begin) / repeats
+
+
+def measure_memory(folder: Path, model: str, env: dict, procs: list) -> dict[str, tuple[float, float]]:
+    """Weights (MiB, from the server's log) and resident set (MiB) of a half-span and a full-span server."""
+    registry = start(folder, "memreg", ["registry", "--port", str(free_port())], env, procs)
+    out = {}
+    for name, span in (("half 0:15", "0:15"), ("full 0:30", "0:30")):
+        log_name = f"mem{span.replace(':', '_')}"
+        start(folder, log_name, serve_args(registry, model, span, 1), env, procs)
+        proc = procs[-1]
+        text = (folder / f"{log_name}.log").read_text()
+        weights = float(re.search(r"([\d.]+) MiB of weights", text).group(1))
+        rss = rss_mib(proc.pid)
+        proc.terminate()
+        proc.wait(timeout=10)
+        out[name] = (weights, rss)
+    return out
+
+
+def serve_args(registry: str, model: str, span: str, threads: int) -> list[str]:
+    return ["serve", "--registry", registry, "--model", model, "--blocks", span, "--threads", str(threads)]
+
+
+def start(folder: Path, name: str, args: list[str], env: dict, procs: list) -> str:
+    """Start ``fedswarm swarm ARGS`` and wait for its ready line; returns the address it printed."""
+    log = folder / f"{name}.log"
+    cmd = [sys.executable, "-m", "fedswarm.common.cli", "swarm", *args]
+    proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env)
+    procs.append(proc)
+    deadline = time.monotonic() + 300
+    while not (match := re.search(r"ready on (\S+)", log.read_text())):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise SystemExit(f"{name} failed to start:\n{log.read_text()}")
+        time.sleep(0.2)
+    return match.group(1)
+
+
+def wait_listed(registry: str, count: int) -> None:
+    from fedswarm.client.swarm.discovery import list_servers
+    from fedswarm.protos.transport import Security
+
+    while len(list_servers([registry], Security())) < count:
+        time.sleep(0.2)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def report(timing: dict[str, list[float]], memory: dict[str, tuple[float, float]], args) -> None:
+    local = statistics.median(timing["local"])
+    swarm = statistics.median(timing["swarm"])
+    print(f"threads per process: {args.threads}; {args.tokens} new tokens; median over {args.repeats} interleaved runs")
+    print(f"local  model : {1 / local:7.1f} tokens/s ({local * 1e3:.1f} ms/token)")
+    print(f"swarm 3 hops : {1 / swarm:7.1f} tokens/s ({swarm * 1e3:.1f} ms/token)")
+    print(f"ratio swarm/local: {local / swarm:.2f} (goal >= 0.70)")
+    print(
+        f"per step: servers compute {statistics.median(timing['server_ms']):.1f} ms, client head "
+        f"{timing['head_ms'][0]:.1f} ms, overhead {statistics.median(timing['hop_ms']):.2f} ms per hop"
+    )
+    (hw, hr), (fw, fr) = memory["half 0:15"], memory["full 0:30"]
+    print(f"memory: half-span server {hw:.1f} MiB weights / {hr:.0f} MiB RSS; full-span {fw:.1f} / {fr:.0f}")
+    print(f"        weights ratio {hw / fw:.3f}; RSS ratio {hr / fr:.2f} (RSS includes ~the torch runtime)")
+
+
+if __name__ == "__main__":
+    main()
