@@ -103,10 +103,13 @@ def _env() -> dict[str, str]:
     return {**os.environ, "FEDSWARM_SWARM_TOKEN": TOKEN, "OMP_NUM_THREADS": "1"}
 
 
-def _run_cli(log_path: str, argv: list[str]) -> None:
+def _run_cli(log_path: str, argv: list[str], err_path: str = "") -> None:
     with open(log_path, "a") as log:
         os.dup2(log.fileno(), 1)
         os.dup2(log.fileno(), 2)
+    if err_path:
+        with open(err_path, "a") as err:
+            os.dup2(err.fileno(), 2)
     os.environ.update(_env())
     from fedswarm.common.cli import main
 
@@ -405,3 +408,42 @@ def test_plaintext_client_cannot_talk_to_a_tls_swarm(swarm):
 def test_unreachable_registry_is_one_clear_error():
     with pytest.raises(FedswarmError, match=r"registry unreachable: 127\.0\.0\.1:1 \(UNAVAILABLE\)"):
         SwarmClient(["127.0.0.1:1"], Security())
+
+
+def test_cli_generate_and_perplexity_through_the_swarm(swarm, local_base, labelled_file, tokenizer, tmp_path):
+    from fedswarm.common.batches import encode
+    from fedswarm.common.data import load_examples
+
+    client_args = ["--registry", swarm.procs.addresses["reg1"], "--adapter-id", "", "--threads", "1"]
+    client_args += ["--tls-ca", str(swarm.security.tls_ca)]
+    text = tokenizer.decode(PROMPT)
+    commands = {
+        "generate": ["swarm", "generate", *client_args, text, "--max-new-tokens", "6"],
+        "perplexity": ["swarm", "perplexity", *client_args, "--data", str(labelled_file), "--max-samples", "6"],
+    }
+    runs = {}
+    for name, argv in commands.items():  # forked like the servers, to skip re-importing torch
+        out, err = tmp_path / f"{name}.out", tmp_path / f"{name}.err"
+        runs[name] = _FORKSERVER.Process(target=_run_cli, args=(str(out), argv, str(err)))
+        runs[name].start()
+    for run in runs.values():
+        run.join(timeout=120)
+    read = {name: ((tmp_path / f"{name}.out").read_text(), (tmp_path / f"{name}.err").read_text()) for name in runs}
+
+    assert runs["generate"].exitcode == 0, read["generate"]
+    assert read["generate"][0] == tokenizer.decode(local_base[0][:6]) + "\n"
+    assert "6 tokens" in read["generate"][1] and "over 3 hops" in read["generate"][1]
+
+    assert runs["perplexity"].exitcode == 0, read["perplexity"]
+    model = load_model("tiny")
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        for example in load_examples(str(labelled_file), 6):
+            encoded = encode(tokenizer, example, 128)
+            logprobs = torch.log_softmax(model(torch.tensor([encoded.input_ids])).logits[0], dim=-1)
+            for pos in range(encoded.prompt_len, len(encoded.input_ids)):
+                nll -= float(logprobs[pos - 1, encoded.input_ids[pos]])
+                count += 1
+    match = re.fullmatch(r"perplexity ([\d.]+) over (\d+) answer tokens of 6 records", read["perplexity"][0].strip())
+    assert match and int(match.group(2)) == count
+    assert float(match.group(1)) == pytest.approx(float(torch.tensor(nll / count).exp()), rel=1e-5)

@@ -112,19 +112,21 @@ def run_serve(args: argparse.Namespace) -> int:
 
 def _connect(args: argparse.Namespace) -> tuple[object, object, object]:
     """Client, model and tokenizer for the model the swarm serves."""
-    import torch
-
     from fedswarm.client.swarm.client import SwarmClient
-    from fedswarm.client.swarm.head import load_head
-    from fedswarm.client.swarm.model import SwarmModel
     from fedswarm.common.model import load_tokenizer, parse_model
     from fedswarm.server.swarm.server import registries_arg
 
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
     if args.model:
         args.model = parse_model(args.model).model_id
+    # the registries first: their errors should not wait for torch to import
     client = SwarmClient(registries_arg(args.registry), _security_of(args), args.model, args.adapter_id)  # type: ignore[arg-type]
+    import torch
+
+    from fedswarm.client.swarm.head import load_head
+    from fedswarm.client.swarm.model import SwarmModel
+
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     spec = parse_model(client.swarm.model_id)
     return client, SwarmModel(client, load_head(spec)), load_tokenizer(spec)
 

@@ -46,6 +46,16 @@ class SwarmClient:
         self.swarm = choose_swarm(list_servers(self.registries, self.security), model_id or "", adapter_id)
         return self.swarm
 
+    def try_refresh(self) -> None:
+        """Refresh while recovering from a failure: a registry hiccup must not end a generation
+        that the servers already listed could still finish."""
+        from fedswarm.common.errors import FedswarmError
+
+        try:
+            self.refresh()
+        except FedswarmError as exc:
+            log.warning("keeping the last server list: %s", exc)
+
     @property
     def num_blocks(self) -> int:
         return self.swarm.num_blocks

@@ -54,5 +54,5 @@ def _replan(client: SwarmClient, hop: Hop, error: BaseException) -> list[Hop]:
         "server %s failed on %s (%s); re-routing", hop.address, format_blocks(hop.start, hop.end), describe(error)
     )
     time.sleep(backoff_s(0))
-    client.refresh()
+    client.try_refresh()
     return client.plan(hop.start, hop.end)  # each failure bans a server, so this ends in a route or NoRouteError

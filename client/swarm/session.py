@@ -148,7 +148,7 @@ class InferenceSession:
         history = _concat(failed.inputs)
         for attempt in range(MAX_ATTEMPTS):
             time.sleep(backoff_s(attempt))
-            self.client.refresh()
+            self.client.try_refresh()
             links = [_Link(self._open(hop)) for hop in self.client.plan(start, end)]  # NoRouteError names the gap
             current = links[0]
             try:

@@ -1,0 +1,45 @@
+"""``fedswarm swarm`` user errors: one line, exit status 2, before anything heavy loads."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+
+def _swarm(*args: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "fedswarm.common.cli", "swarm", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+
+
+def test_bad_block_span_is_one_line():
+    proc = _swarm("serve", "--registry", "127.0.0.1:9", "--model", "tiny", "--blocks", "3")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "fedswarm swarm: error: --blocks '3': expected START:END, e.g. 0:15 (END exclusive)"
+    ]
+
+
+def test_unreachable_registry_is_one_line():
+    proc = _swarm("generate", "--registry", "127.0.0.1:1", "hello")
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert lines[-1] == "fedswarm swarm: error: registry unreachable: 127.0.0.1:1 (UNAVAILABLE)"
+
+
+def test_tls_key_without_certificate_is_one_line(tmp_path):
+    key = tmp_path / "k.pem"
+    key.write_text("x")
+    proc = _swarm("registry", "--tls-key", str(key))
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "fedswarm swarm: error: --tls-cert and --tls-key go together: give both or neither"
+    ]
+
+
+def test_missing_adapter_folder_is_one_line(tmp_path):
+    proc = _swarm("serve", "--registry", "127.0.0.1:9", "--blocks", "0:2", "--adapter", str(tmp_path))
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        f"fedswarm swarm: error: --adapter {str(tmp_path)!r}: not a PEFT adapter folder "
+        "(missing adapter_config.json, adapter_model.safetensors)"
+    ]
