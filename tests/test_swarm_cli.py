@@ -43,3 +43,12 @@ def test_missing_adapter_folder_is_one_line(tmp_path):
         f"fedswarm swarm: error: --adapter {str(tmp_path)!r}: not a PEFT adapter folder "
         "(missing adapter_config.json, adapter_model.safetensors)"
     ]
+
+
+def test_building_the_cli_imports_neither_torch_nor_grpc():
+    code = (
+        "import sys, fedswarm.common.cli as cli; cli.build_parser();"
+        "print([m for m in ('torch', 'grpc', 'transformers', 'google.protobuf') if m in sys.modules])"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "[]"

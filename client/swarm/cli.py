@@ -9,6 +9,9 @@ SECURITY_HELP = "shared swarm token (default: $FEDSWARM_SWARM_TOKEN; empty disab
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
+    from fedswarm.common.config import add_arguments
+    from fedswarm.server.swarm.options import ServeOptions
+
     parser = sub.add_parser(
         "swarm",
         help="serve a model over a swarm of block servers, or query it",
@@ -27,17 +30,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     serve.add_argument("--model", default="smollm2-135m", help="smollm2-135m, tiny, or a local HF folder")
     serve.add_argument("--blocks", required=True, help="START:END, END exclusive (e.g. 0:15)")
     serve.add_argument("--adapter", help="PEFT LoRA folder to merge into the blocks (e.g. a run's adapter/)")
-    serve.add_argument("--host", default="127.0.0.1", help="interface to listen on")
-    serve.add_argument("--port", type=int, default=0, help="port (0 picks a free one)")
-    serve.add_argument("--public-host", default="", help="host name clients should dial (default: --host)")
-    serve.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    serve.add_argument(
-        "--throughput", type=float, default=0.0, help="announce this many block-tokens/s instead of measuring"
-    )
-    serve.add_argument("--ttl", type=float, default=15.0, help="registry entry lifetime, seconds")
-    serve.add_argument("--cache-mb", type=float, default=1024.0, help="KV-cache budget over all sessions, MiB")
-    serve.add_argument("--max-length", type=int, default=4096, help="longest inference session, tokens")
-    serve.add_argument("--session-idle", type=float, default=60.0, help="close a silent session after this, seconds")
+    add_arguments(serve, ServeOptions)
     _security(serve, server=True)
     serve.set_defaults(handler=run_serve)
 
@@ -86,9 +79,11 @@ def run_registry(args: argparse.Namespace) -> int:
 
 
 def run_serve(args: argparse.Namespace) -> int:
+    from fedswarm.common.config import from_args
     from fedswarm.common.model import parse_model
     from fedswarm.server.swarm.adapter import check_adapter_folder
-    from fedswarm.server.swarm.server import ServeConfig, parse_blocks, registries_arg, run_server
+    from fedswarm.server.swarm.options import ServeConfig, ServeOptions
+    from fedswarm.server.swarm.server import parse_blocks, registries_arg, run_server
 
     start, end = parse_blocks(args.blocks)
     cfg = ServeConfig(
@@ -96,16 +91,8 @@ def run_serve(args: argparse.Namespace) -> int:
         start=start,
         end=end,
         registries=registries_arg(args.registry),
-        host=args.host,
-        port=args.port,
-        public_host=args.public_host,
         adapter=check_adapter_folder(args.adapter) if args.adapter else None,
-        threads=args.threads,
-        throughput=args.throughput,
-        ttl_s=args.ttl,
-        cache_mb=args.cache_mb,
-        max_length=args.max_length,
-        session_idle_s=args.session_idle,
+        options=from_args(ServeOptions, args),
     )
     return run_server(cfg, _security_of(args))  # type: ignore[arg-type]
 

@@ -11,36 +11,14 @@ import signal
 import threading
 from collections.abc import Sequence
 from concurrent import futures
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from fedswarm.common.memory import peak_rss_mb
-from fedswarm.common.model import ModelSpec
 from fedswarm.protos import swarm_pb2, swarm_pb2_grpc
 from fedswarm.protos.transport import Security, bind_server, server_interceptors
+from fedswarm.server.swarm.options import ServeConfig
 
 log = logging.getLogger("fedswarm.swarm.server")
-
-
-@dataclass(frozen=True)
-class ServeConfig:
-    """What ``fedswarm swarm serve`` was asked for."""
-
-    spec: ModelSpec
-    start: int  # first block (inclusive)
-    end: int  # last block (exclusive)
-    registries: tuple[str, ...]  # host:port of each registry to announce to
-    host: str = "127.0.0.1"  # interface to listen on
-    port: int = 0  # 0 picks a free port
-    public_host: str = ""  # host clients should dial; defaults to ``host``
-    adapter: Path | None = None  # PEFT adapter folder merged into the span
-    threads: int = 0  # torch threads; 0 leaves torch's default
-    throughput: float = 0.0  # block-tokens/s to announce; 0 measures it
-    ttl_s: float = 15.0  # registry entry lifetime, refreshed every ttl/3
-    cache_mb: float = 1024.0  # KV-cache budget over all sessions, MiB
-    max_length: int = 4096  # longest inference session, tokens
-    session_idle_s: float = 60.0  # a silent session is closed after this
 
 
 def parse_blocks(value: str) -> tuple[int, int]:
@@ -69,16 +47,17 @@ def start_server(cfg: ServeConfig, security: Security) -> tuple[Any, Any, swarm_
     from fedswarm.server.swarm.sessions import SessionTable
     from fedswarm.server.swarm.throughput import measure_throughput
 
-    if cfg.threads > 0:
-        torch.set_num_threads(cfg.threads)
+    opts = cfg.options
+    if opts.threads > 0:
+        torch.set_num_threads(opts.threads)
     span = load_span(cfg.spec, cfg.start, cfg.end)
     adapter = merge_adapter(span, cfg.adapter) if cfg.adapter is not None else ""
-    throughput = cfg.throughput or measure_throughput(span)
-    sessions = SessionTable(int(cfg.cache_mb * 2**20), cfg.session_idle_s)
+    throughput = opts.throughput or measure_throughput(span)
+    sessions = SessionTable(int(opts.cache_mb * 2**20), opts.session_idle)
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=32), interceptors=server_interceptors(security))
-    port = bind_server(server, cfg.host, cfg.port, security)
+    port = bind_server(server, opts.host, opts.port, security)
     info = swarm_pb2.ServerInfo(
-        address=f"{cfg.public_host or cfg.host}:{port}",
+        address=f"{opts.public_host or opts.host}:{port}",
         model_id=cfg.spec.model_id,
         start=cfg.start,
         end=cfg.end,
@@ -87,11 +66,11 @@ def start_server(cfg: ServeConfig, security: Security) -> tuple[Any, Any, swarm_
         num_blocks=num_blocks(cfg.spec),
         version=_version(),
     )
-    swarm_pb2_grpc.add_BlockServerServicer_to_server(BlockServicer(span, info, sessions, cfg.max_length), server)
+    swarm_pb2_grpc.add_BlockServerServicer_to_server(BlockServicer(span, info, sessions, opts.max_length), server)
     server.start()
     stop = threading.Event()
     sessions.start_reaper(stop)
-    announcer = Announcer(cfg.registries, info, cfg.ttl_s, security)
+    announcer = Announcer(cfg.registries, info, opts.ttl, security)
     announcer.start()
     log.info(
         "serving blocks %d:%d of %s on %s: %.1f MiB of weights, %.0f block-tokens/s, adapter %s, peak RSS %.0f MiB",
