@@ -49,10 +49,10 @@ def load_head(spec: ModelSpec) -> LocalHead:
         return LocalHead(full.model.embed_tokens, full.model.norm, full.lm_head)
     from transformers import AutoConfig
 
-    from fedswarm.server.swarm.blocks import _folder
+    from fedswarm.server.swarm.blocks import model_folder
     from fedswarm.server.swarm.weights import read_tensors
 
-    folder = _folder(spec)
+    folder = model_folder(spec)
     config = AutoConfig.from_pretrained(folder)
     tensors = {name: t.to(torch.float32) for name, t in read_tensors(folder, lambda n: n in HEAD_TENSORS)}
     embed = torch.nn.Embedding.from_pretrained(tensors["model.embed_tokens.weight"], freeze=True)

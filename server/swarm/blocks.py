@@ -124,8 +124,9 @@ class SpanModel:
 def load_span(spec: ModelSpec, start: int, end: int) -> SpanModel:
     """Build blocks ``start..end-1`` of ``spec`` and load only their weights."""
     import torch
-    from transformers import AutoConfig
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
+
+    from fedswarm.server.swarm.weights import read_tensors
 
     config = _config(spec)
     total = int(config.num_hidden_layers)
@@ -138,16 +139,13 @@ def load_span(spec: ModelSpec, start: int, end: int) -> SpanModel:
         with torch.device("meta"):
             layers = torch.nn.ModuleList(LlamaDecoderLayer(config, i) for i in range(end - start))
         state = {}
-        from fedswarm.server.swarm.weights import read_tensors
-
-        for name, tensor in read_tensors(_folder(spec), lambda n: _in_span(n, start, end)):
+        for name, tensor in read_tensors(model_folder(spec), lambda n: _in_span(n, start, end)):
             index, rest = _LAYER_KEY.match(name).groups()  # type: ignore[union-attr]
             state[f"{int(index) - start}.{rest}"] = tensor.to(torch.float32)
         layers.load_state_dict(state, strict=True, assign=True)
     for i, layer in enumerate(layers):
         layer.self_attn.layer_idx = i
     layers.eval()
-    del AutoConfig
     return SpanModel(config=config, layers=layers, rotary=LlamaRotaryEmbedding(config), start=start, end=end)
 
 
@@ -155,7 +153,7 @@ def block_bytes(spec: ModelSpec, start: int, end: int) -> int:
     """Bytes of blocks ``start..end-1`` in the model's files, without loading them."""
     from fedswarm.server.swarm.weights import tensor_bytes
 
-    return tensor_bytes(_folder(spec), lambda n: _in_span(n, start, end))
+    return tensor_bytes(model_folder(spec), lambda n: _in_span(n, start, end))
 
 
 def num_blocks(spec: ModelSpec) -> int:
@@ -184,13 +182,14 @@ def _config(spec: ModelSpec) -> Any:
 
     if spec.name == "tiny":
         return tiny_config()
-    config = AutoConfig.from_pretrained(_folder(spec))
+    config = AutoConfig.from_pretrained(model_folder(spec))
     if config.model_type != "llama":
         raise FedswarmError(f"--model: the swarm serves Llama-architecture models, this one is {config.model_type!r}")
     return config
 
 
-def _folder(spec: ModelSpec) -> Any:
+def model_folder(spec: ModelSpec) -> Any:
+    """The HF folder behind a spec (the cached conversion for the default model)."""
     if spec.path is not None:
         return spec.path
     from fedswarm.common.gguf_convert import smollm2_folder
