@@ -37,8 +37,8 @@ def backend_config(cfg: FederationConfig) -> dict[str, Any]:
     init: dict[str, Any] = {"include_dashboard": False, "logging_level": logging.WARNING}
     if cfg.ray_address:
         init["address"] = cfg.ray_address
-    else:
-        init["num_cpus"] = os.cpu_count() or 1
+    else:  # "local": never attach to a cluster left in /tmp/ray/ray_current_cluster by `ray start`
+        init.update(address="local", num_cpus=os.cpu_count() or 1)
     return {
         "client_resources": {"num_cpus": cfg.cpus_per_client, "num_gpus": max(0.0, cfg.gpus_per_client)},
         "init_args": init,
