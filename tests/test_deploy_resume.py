@@ -1,0 +1,82 @@
+"""Resume: the last completed round's checkpoint, settings that may and may not change."""
+
+import json
+from dataclasses import asdict
+
+import pytest
+import torch
+
+from fedswarm.common.config import FederationConfig
+from fedswarm.common.errors import FedswarmError
+from fedswarm.server.coordinator.resume import load_resume, merge_config, restore_strategy, strategy_state
+from fedswarm.server.coordinator.round_plan import NodeBook
+from fedswarm.server.coordinator.run_dir import RunDir
+
+
+def _saved_run(tmp_path, tiny_lora, rounds_done=2, orphan=True):
+    """A run folder as the coordinator leaves it, plus (orphan) a checkpoint whose metrics line never came."""
+    from fedswarm.common.lora import adapter_state, save_adapter
+
+    cfg = FederationConfig(model="tiny", clients=3, rounds=5, lora_rank=4, lora_alpha=8.0, out=str(tmp_path / "run"))
+    run = RunDir(cfg.out)
+    run.append_metrics({"round": 0, "eval_loss": 3.0})
+    states = {}
+    for round_no in range(1, rounds_done + 1 + int(orphan)):
+        state = {k: torch.full_like(v, float(round_no)) for k, v in adapter_state(tiny_lora).items()}
+        save_adapter(tiny_lora, state, run.checkpoint(round_no))
+        book = NodeBook({11: 4, 12: 4}, {11: json.dumps([[1.0, 0.1, 3 * round_no]])})
+        saved = {"round": round_no, "config": asdict(cfg), "nodes": book.to_json(), "strategy": {"x": round_no}}
+        run.write_state(round_no, saved)
+        states[round_no] = state
+        if round_no <= rounds_done:
+            run.append_metrics({"round": round_no, "eval_loss": 3.0 - round_no})
+    return cfg, states
+
+
+def test_resume_takes_the_last_round_with_a_metrics_line(tmp_path, tiny_lora):
+    cfg, states = _saved_run(tmp_path, tiny_lora)
+    resumed = load_resume(cfg.out, FederationConfig())
+    assert resumed.round == 2  # round 3's checkpoint has no metrics line: it is redone
+    assert set(resumed.state) == set(states[2])
+    assert all(torch.equal(resumed.state[k], states[2][k]) for k in states[2])
+    assert resumed.book.ranks == {11: 4, 12: 4}
+    assert json.loads(resumed.book.privacy[11]) == [[1.0, 0.1, 6]]  # the DP history as of round 2
+    assert resumed.strategy_state == {"x": 2}
+    assert [r["round"] for r in resumed.rows] == [0, 1, 2]
+    assert resumed.cfg.rounds == 5 and resumed.cfg.lora_rank == 4 and resumed.cfg.out == cfg.out
+
+
+def test_resume_may_change_operational_settings_only():
+    saved = asdict(FederationConfig(model="tiny", clients=3, rounds=2, lora_rank=4))
+    more = merge_config(saved, FederationConfig(rounds=4, min_clients=2, round_timeout=60.0), "run")
+    assert (more.rounds, more.min_clients, more.round_timeout, more.lora_rank) == (4, 2, 60.0, 4)
+    assert merge_config(saved, FederationConfig(lora_rank=4), "run").lora_rank == 4  # same as saved: fine
+    with pytest.raises(FedswarmError, match="--lora-rank 16 differs from the run's 4"):
+        merge_config(saved, FederationConfig(lora_rank=16), "run")
+    with pytest.raises(FedswarmError, match="--learning-rate"):
+        merge_config(saved, FederationConfig(learning_rate=0.5), "run")
+
+
+def test_resume_refuses_folders_without_a_completed_round(tmp_path):
+    with pytest.raises(FedswarmError, match="not a run folder"):
+        load_resume(str(tmp_path / "nothing"), FederationConfig())
+    run = RunDir(tmp_path / "fresh")
+    run.append_metrics({"round": 0, "eval_loss": 1.0})
+    with pytest.raises(FedswarmError, match="no completed round"):
+        load_resume(str(run.root), FederationConfig())
+
+
+def test_central_dp_accountant_survives_a_resume():
+    from flwr.supercore.privacy_accounting import GaussianPrivacyEvent
+
+    from fedswarm.server.coordinator.strategy import build_strategy
+
+    cfg = FederationConfig(clients=3, central_dp=True, central_noise=0.8)
+    first = build_strategy(cfg, 3)
+    for _ in range(2):
+        first.accountant.compose(GaussianPrivacyEvent(noise_multiplier=0.8, sample_size=3, population_size=3))
+    saved = json.loads(json.dumps(strategy_state(first)))  # through state.json
+    second = build_strategy(cfg, 3)
+    restore_strategy(second, saved)
+    assert second.accountant.num_releases == 2
+    assert second.privacy_spent().epsilon == pytest.approx(first.privacy_spent().epsilon)
