@@ -34,10 +34,13 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads of the client, local model and servers")
     args = parser.parse_args()
 
+    # Idle OpenMP threads must not spin while another process of the pipeline computes; the
+    # local model gets the same policy (set before torch loads) so the comparison is fair.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     import torch
 
     torch.set_num_threads(args.threads)
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "OMP_WAIT_POLICY": "PASSIVE"}
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     with tempfile.TemporaryDirectory() as tmp:
         procs: list[subprocess.Popen] = []
         try:
@@ -50,10 +53,7 @@ def main() -> None:
             wait_listed(registry, len(servers))
             report(run(args, registry), memory, args)
         finally:
-            for proc in procs:
-                proc.terminate()
-            for proc in procs:
-                proc.wait(timeout=10)
+            stop(procs)
 
 
 def run(args: argparse.Namespace, registry: str) -> dict[str, list[float]]:
@@ -161,6 +161,18 @@ def wait_listed(registry: str, count: int) -> None:
 
     while len(list_servers([registry], Security())) < count:
         time.sleep(0.2)
+
+
+def stop(procs: list[subprocess.Popen]) -> None:
+    """Servers first (they withdraw from the registry), then the registries; kill what lingers."""
+    for proc in sorted(procs, key=lambda p: "registry" in p.args):
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
 
 
 def free_port() -> int:
