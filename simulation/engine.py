@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 from typing import Any
 
 from fedswarm.common.config import FederationConfig
+from fedswarm.common.stop import clear_stop, request_stop, stop_requested
 
 log = logging.getLogger("fedswarm")
 
@@ -63,6 +65,8 @@ def run_simulation(cfg: FederationConfig) -> None:
         "--run-config '%s')",
         cfg.clients, where, cfg.cpus_per_client, cfg.gpus_per_client, _run_config_arg(cfg),
     )  # fmt: skip
+    previous = signal.signal(signal.SIGINT, _on_interrupt)
+    clear_stop()
     try:
         _run_simulation(
             num_supernodes=cfg.clients,
@@ -73,8 +77,23 @@ def run_simulation(cfg: FederationConfig) -> None:
             backend_config=backend_config(cfg),
             server_app_context=context,
         )
+    except (RuntimeError, KeyboardInterrupt) as exc:
+        if stop_requested():
+            raise KeyboardInterrupt from exc
+        raise
     finally:
+        signal.signal(signal.SIGINT, previous)
         _shutdown_ray()
+    if stop_requested():  # the ServerApp thread stopped early; report it as an interruption
+        raise KeyboardInterrupt
+
+
+def _on_interrupt(signum: int, frame: Any) -> None:
+    """First Ctrl-C: ask the round loop (another thread) to stop; the second one stops at once."""
+    if stop_requested():
+        raise KeyboardInterrupt
+    log.warning("stopping: the federation ends at its next check; Ctrl-C again to stop at once")
+    request_stop()
 
 
 def _exit_event() -> Any:

@@ -12,6 +12,7 @@ from flwr.serverapp import Grid
 
 from fedswarm.common.config import FederationConfig
 from fedswarm.common.errors import FedswarmError
+from fedswarm.common.stop import check_stop
 from fedswarm.server.coordinator.central_eval import CentralEvaluator
 from fedswarm.server.coordinator.replies import Screened, screen_replies
 from fedswarm.server.coordinator.resume import Resumed, load_resume, restore_strategy, strategy_state
@@ -49,6 +50,7 @@ def run_federation(grid: Grid, cfg: FederationConfig) -> dict[str, Any]:
     state, book, rows = _starting_point(resumed, strategy, evaluator, state, run)
     last_round = resumed.round if resumed else 0
     for round_no in range(last_round + 1, cfg.rounds + 1):
+        check_stop()
         t0 = time.perf_counter()
         wanted = cfg.clients if round_no == 1 else cfg.needed_clients()  # wait for everyone only at the start
         node_ids = wait_for_nodes(grid, wanted, cfg.needed_clients(), NODE_WAIT_SECONDS)

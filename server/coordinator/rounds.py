@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 from flwr.app import ConfigRecord, Message
 from flwr.serverapp import Grid
 
+from fedswarm.common.stop import check_stop
+
 log = logging.getLogger(__name__)
 
 POLL_SECONDS = 0.2
@@ -60,6 +62,7 @@ def send_and_collect(
     total = len(pending)
     deadline = time.monotonic() + timeout
     while pending and time.monotonic() < deadline:
+        check_stop()
         for reply in grid.pull_messages(list(pending)):
             pending.discard(reply.metadata.reply_to_message_id)
             if reply.has_error():

@@ -1,0 +1,41 @@
+"""Ctrl-C during a simulation stops Ray and every process the simulation started."""
+
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+
+
+@pytest.mark.integration
+def test_ctrl_c_stops_every_process(labelled_file, tmp_path):
+    cmd = [
+        sys.executable, "-m", "fedswarm.common.cli", "simulate", "--model", "tiny", "--data", str(labelled_file),
+        "--clients", "2", "--rounds", "50", "--local-steps", "2", "--batch-size", "4", "--eval-size", "12",
+        "--out", str(tmp_path / "run"),
+    ]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    seen: dict[int, psutil.Process] = {}
+    deadline = time.monotonic() + 300
+    try:
+        while time.monotonic() < deadline:  # wait until round 1 has started, noting every descendant
+            for child in psutil.Process(proc.pid).children(recursive=True):
+                seen.setdefault(child.pid, child)
+            if (tmp_path / "run" / "checkpoints" / "round-001").exists() and len(seen) > 3:
+                break
+            assert proc.poll() is None, proc.stderr.read()[-2000:]
+            time.sleep(0.5)
+        else:
+            pytest.fail("the simulation did not reach round 1 in time")
+        proc.send_signal(signal.SIGINT)  # what Ctrl-C sends to the foreground process
+        code = proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert code == 130, proc.stderr.read()[-2000:]
+    time.sleep(2)
+    alive = [p for p in seen.values() if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    assert not alive, [" ".join(p.cmdline()[:3]) for p in alive]
+    assert (tmp_path / "run" / "metrics.jsonl").read_text().count("\n") >= 2  # committed rounds survive
