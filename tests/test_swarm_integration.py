@@ -386,6 +386,16 @@ def test_server_killed_without_replica_names_the_missing_blocks(swarm):
     assert info.value.missing == [(2, 4)]
 
 
+def test_client_merges_registries_and_skips_a_dead_one(swarm):
+    from fedswarm.client.swarm.discovery import list_servers
+
+    addresses = swarm.procs.addresses
+    dead = f"127.0.0.1:{_free_port()}"
+    listed = [s.address for s in list_servers([dead, addresses["reg1"], addresses["reg3"]], swarm.security)]
+    assert len(listed) == len(set(listed))  # "a" announces to both, and appears once
+    assert {addresses[n] for n in ("a", "b", "c", "p1", "p2", "p3")} <= set(listed)
+
+
 def test_requests_without_a_valid_token_are_refused(swarm):
     for token in ("", "wrong"):
         with pytest.raises(FedswarmError, match=r"registry .* refused the swarm token"):

@@ -19,6 +19,8 @@ MAX_DELAY_S = 2.0
 def is_retriable(exc: BaseException) -> bool:
     import grpc
 
+    if isinstance(exc, ConnectionError):  # the server closed the stream without an error status
+        return True
     if not isinstance(exc, grpc.RpcError):
         return False
     fatal = {

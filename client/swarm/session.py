@@ -58,9 +58,11 @@ class _Stream:
         self.busy_since = time.monotonic()
         try:
             self._requests.put(request)
-            reply = next(self._replies)
+            reply = next(self._replies, None)
         finally:
             self.busy_since = None
+        if reply is None:
+            raise ConnectionError(f"server {self.hop.address} ended the session")
         self.compute_ms = reply.compute_ms
         return from_proto(reply.hidden)
 
