@@ -9,7 +9,12 @@ from collections.abc import Sequence
 
 from fedswarm.common.errors import FedswarmError
 
-COMMANDS = ("fedswarm.simulation.simulate", "fedswarm.client.swarm.cli")
+COMMANDS = (
+    "fedswarm.simulation.simulate",
+    "fedswarm.client.edge.export",
+    "fedswarm.client.edge.serve",
+    "fedswarm.client.swarm.cli",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,121 @@
+"""EDGE_DIR/README.md: what the files are, where they came from, how far to trust them, how to run them."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fedswarm.client.edge.merge import RunInfo
+from fedswarm.client.edge.parity import Parity
+from fedswarm.client.edge.variants import JS_DTYPES
+
+BASE_NAMES = {
+    "smollm2-135m": "SmolLM2-135M-Instruct (HuggingFaceTB, Apache-2.0)",
+    "tiny": "tiny (seeded random test model)",
+}
+
+
+def model_card(model_name: str, run: RunInfo, parity: Parity) -> str:
+    """The model card as Markdown; every figure comes from the run's summary or parity.json."""
+    lines = [f"# {BASE_NAMES.get(model_name, model_name)}, federated LoRA merged, ONNX for the edge", ""]
+    lines += _provenance(model_name, run)
+    lines += ["", "## Privacy", "", _privacy(run), ""]
+    lines += _parity_table(parity)
+    lines += _usage(parity)
+    return "\n".join(lines) + "\n"
+
+
+def _provenance(model_name: str, run: RunInfo) -> list[str]:
+    cfg = run.config
+    rows = [f"- Base model: {BASE_NAMES.get(model_name, model_name)}"]
+    if run.adapter is None:
+        rows.append("- Adapter: none (the base model as it is)")
+        return ["## Provenance", "", *rows]
+    rows.append(f"- Adapter: `{run.adapter.parent.name}/{run.adapter.name}`, merged into the weights (W + B·A·α/r)")
+    if cfg:
+        rows += [
+            f"- Data: {cfg.get('data', '?')} (held-out split of {cfg.get('eval_size', '?')} examples never trained on)",
+            f"- Federation: {cfg.get('rounds', '?')} rounds, {cfg.get('clients', '?')} clients, "
+            f"{cfg.get('local_steps', '?')} local steps per round, partition {cfg.get('partition', '?')}",
+            f"- LoRA: rank {cfg.get('lora_rank', '?')}, alpha {cfg.get('lora_alpha', '?')}",
+        ]
+        final = run.summary.get("final") or {}
+        if final.get("eval_loss") is not None:
+            accuracy = final.get("eval_accuracy")
+            shown = "n/a" if accuracy is None else f"{accuracy:.3f}"
+            rows.append(f"- Held-out after training (PyTorch): loss {final['eval_loss']:.4f}, accuracy {shown}")
+    else:
+        rows.append("- Run: no summary.json beside the adapter, so data, rounds and clients are unknown")
+    return ["## Provenance", "", *rows]
+
+
+def _privacy(run: RunInfo) -> str:
+    if run.adapter is None:
+        return "Not applicable: no federated training was merged."
+    privacy = run.privacy
+    if not privacy or privacy.get("epsilon") is None:
+        return "The run recorded no differential-privacy guarantee: treat the weights as trained on the clients' data."
+    text = f"(ε = {_num(privacy.get('epsilon'))}, δ = {_num(privacy.get('delta'))})-differential privacy"
+    extra = {k: v for k, v in privacy.items() if k not in ("epsilon", "delta")}
+    if extra:
+        text += " (" + ", ".join(f"{k} {_num(v)}" for k, v in extra.items()) + ")"
+    return text + ", as accounted by the run; merging and quantising are post-processing and do not change it."
+
+
+def _parity_table(parity: Parity) -> list[str]:
+    lines = [
+        "## Files and parity",
+        "",
+        f"Each variant against the merged PyTorch model on {parity.texts} held-out texts "
+        f"({parity.positions} next-token predictions; PyTorch perplexity {parity.reference_perplexity:.3f}). "
+        "Figures also in `parity.json`.",
+        "",
+        "| variant | file | size (MB) | × fp32 | next-token agreement | max logit error | mean logit error "
+        "| perplexity | Δ perplexity |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for v in parity.variants:
+        lines.append(
+            f"| {v.variant} | `{v.file}` | {v.size_bytes / 1e6:.1f} | {v.size_vs_fp32:.3f} | "
+            f"{v.next_token_agreement:.4f} | {v.max_logit_error:.4f} | {v.mean_logit_error:.5f} | "
+            f"{v.perplexity:.3f} | {v.perplexity_change * 100:+.2f}% |"
+        )
+    return [*lines, ""]
+
+
+def _usage(parity: Parity) -> list[str]:
+    names = [v.variant for v in parity.variants]
+    pick = "q4" if "q4" in names else names[-1]
+    return [
+        "## Run it",
+        "",
+        "In the browser (transformers.js, WebGPU where available, else wasm; every file served locally):",
+        "",
+        "```",
+        "fedswarm serve-web EDGE_DIR   # then open the printed http://127.0.0.1:PORT/ address",
+        "```",
+        "",
+        "In Python (optimum + onnxruntime):",
+        "",
+        "```python",
+        "from optimum.onnxruntime import ORTModelForCausalLM",
+        "from transformers import AutoTokenizer",
+        f'model = ORTModelForCausalLM.from_pretrained("EDGE_DIR", subfolder="onnx", file_name="{_file(parity, pick)}")',
+        'tokenizer = AutoTokenizer.from_pretrained("EDGE_DIR")',
+        "```",
+        "",
+        "In JavaScript (`@huggingface/transformers`), always naming the variant's dtype:",
+        "",
+        "```js",
+        f'const generator = await pipeline("text-generation", "EDGE_DIR", {{ dtype: "{JS_DTYPES[pick]}" }});',
+        "```",
+        "",
+        "dtype per variant: " + ", ".join(f"{v} → `{JS_DTYPES[v]}`" for v in names) + ".",
+    ]
+
+
+def _file(parity: Parity, variant: str) -> str:
+    return next(v.file for v in parity.variants if v.variant == variant).split("/")[-1]
+
+
+def _num(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, (int, float)) else str(value)

@@ -1,0 +1,115 @@
+"""``fedswarm export``: a run's adapter -> merged, quantised ONNX in the transformers.js layout.
+
+Everything is written into a temporary folder beside EDGE_DIR that replaces it only when
+every variant has passed its parity check: a failed or interrupted export leaves no
+partial EDGE_DIR (and an earlier good one stays).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from fedswarm.client.edge.merge import RunInfo
+from fedswarm.client.edge.variants import DEFAULT_QUANT, QUANT_MIN_AGREEMENT, parse_quant
+from fedswarm.common.errors import FedswarmError
+from fedswarm.common.model import ModelSpec
+
+log = logging.getLogger(__name__)
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser(
+        "export",
+        help="export a trained adapter as quantised ONNX for the edge and the browser",
+        description="Merge the adapter into its base model, export ONNX (KV cache) with optimum, quantise it, "
+        "check every variant against PyTorch, and write a model card and a web page.",
+    )
+    parser.add_argument("--adapter", required=True, help="a run's adapter/ folder (RUN_DIR/adapter), or 'none'")
+    parser.add_argument("--out", required=True, help="EDGE_DIR to write (replaced only on success)")
+    parser.add_argument("--model", default=None, help="base model (default: the run's, else smollm2-135m)")
+    parser.add_argument(
+        "--quant", default=",".join(DEFAULT_QUANT), help="variants: a comma-separated subset of fp32,int8,q4,q4f16"
+    )
+    parser.add_argument(
+        "--min-agreement",
+        type=float,
+        default=QUANT_MIN_AGREEMENT,
+        help="least next-token agreement with PyTorch for a quantised variant (fp32 must reach 0.999)",
+    )
+    parser.add_argument("--parity-samples", type=int, default=16, help="held-out texts for the parity check")
+    parser.add_argument("--parity-max-len", type=int, default=96, help="tokens per parity text")
+    parser.add_argument("--threads", type=int, default=0, help="torch/onnxruntime threads (0: their default)")
+    parser.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from fedswarm.client.edge.merge import resolve_adapter, resolve_model
+
+    variants = parse_quant(args.quant)  # validate every input before anything is loaded or written
+    if not 0.0 <= args.min_agreement <= 1.0:
+        raise FedswarmError(f"--min-agreement must be within [0, 1], got {args.min_agreement}")
+    for flag, value in (("--parity-samples", args.parity_samples), ("--parity-max-len", args.parity_max_len)):
+        if value < 2:
+            raise FedswarmError(f"{flag} must be >= 2, got {value}")
+    run_info = resolve_adapter(args.adapter)
+    spec = resolve_model(args.model, run_info)
+    out = Path(args.out).expanduser()
+    if out.exists() and not out.is_dir():
+        raise FedswarmError(f"--out {args.out!r}: exists and is not a folder")
+    export(spec, run_info, out, variants, args.min_agreement, args.parity_samples, args.parity_max_len, args.threads)
+    print(f"edge export written to {out} (parity.json, README.md, onnx/, web/); serve it: fedswarm serve-web {out}")
+    return 0
+
+
+def export(
+    spec: ModelSpec,
+    run_info: RunInfo,
+    out: Path,
+    variants: tuple[str, ...],
+    min_agreement: float,
+    parity_samples: int,
+    parity_max_len: int,
+    threads: int = 0,
+) -> dict[str, Any]:
+    """Build EDGE_DIR atomically; returns the parity report. Raises FedswarmError when parity fails."""
+    import torch
+
+    from fedswarm.client.edge.card import model_card
+    from fedswarm.client.edge.layout import write_model_files
+    from fedswarm.client.edge.merge import merged_model
+    from fedswarm.client.edge.onnx_export import export_fp32
+    from fedswarm.client.edge.parity import check_variants, held_out_texts
+    from fedswarm.client.edge.quantize import quantize_variant
+    from fedswarm.client.edge.variants import FILES
+    from fedswarm.client.edge.webpage import write_web
+    from fedswarm.common.model import load_tokenizer
+    from fedswarm.common.paths import atomic_dir
+
+    if threads:
+        torch.set_num_threads(threads)
+    tokenizer = load_tokenizer(spec)
+    model = merged_model(spec, run_info)
+    with atomic_dir(out) as tmp:
+        onnx_dir = tmp / "onnx"
+        files = {"fp32": export_fp32(model, onnx_dir / FILES["fp32"])}
+        for variant in variants:
+            if variant != "fp32":
+                log.info("Quantising: %s", variant)
+                files[variant] = quantize_variant(variant, files["fp32"], onnx_dir / FILES[variant])
+        files = {v: files[v] for v in variants}
+        write_model_files(tmp, model, tokenizer)
+        texts = held_out_texts(tokenizer, run_info, parity_samples, parity_max_len)
+        log.info("Parity: %d variants on %d held-out texts", len(files), len(texts))
+        parity = check_variants(model, files, texts, min_agreement, threads)
+        report = parity.to_json()
+        (tmp / "parity.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        log.info("\n%s", "\n".join(model_card(spec.name, run_info, parity).split("## Files and parity")[1:2]))
+        if not parity.passed:
+            raise FedswarmError(f"parity check failed: {'; '.join(parity.failures())}; {out} not written")
+        (tmp / "README.md").write_text(model_card(spec.name, run_info, parity), encoding="utf-8")
+        write_web(tmp, variants)
+    return report

@@ -1,0 +1,169 @@
+"""Every exported variant against the merged PyTorch model, on held-out text.
+
+Each text runs through the ONNX graph the way an app uses it: a prefill of all but the
+last few tokens, then teacher-forced one-token decode steps through the KV cache, so
+both graph paths are checked. Figures per variant: greedy next-token agreement with
+PyTorch, max and mean absolute logit error, and perplexity of the text.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from fedswarm.client.edge.merge import RunInfo
+from fedswarm.client.edge.runtime import OrtCausalLM
+from fedswarm.client.edge.variants import min_agreement
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+log = logging.getLogger(__name__)
+
+DECODE_STEPS = 8  # last tokens of each text fed one at a time through the cache
+
+
+@dataclass(frozen=True)
+class VariantParity:
+    variant: str
+    file: str
+    size_bytes: int
+    size_vs_fp32: float
+    next_token_agreement: float  # share of positions where argmax(onnx) == argmax(pytorch)
+    max_logit_error: float
+    mean_logit_error: float
+    perplexity: float
+    perplexity_change: float  # relative to PyTorch's perplexity on the same tokens
+    min_agreement: float
+    passed: bool
+
+
+@dataclass(frozen=True)
+class Parity:
+    variants: list[VariantParity]
+    reference_perplexity: float  # the merged PyTorch model's, on the same tokens
+    texts: int
+    positions: int  # next-token predictions compared per variant
+
+    @property
+    def passed(self) -> bool:
+        return all(v.passed for v in self.variants)
+
+    def failures(self) -> list[str]:
+        return [
+            f"{v.variant} next-token agreement {v.next_token_agreement:.3f} < {v.min_agreement}"
+            for v in self.variants
+            if not v.passed
+        ]
+
+    def to_json(self) -> dict[str, Any]:
+        """The content of parity.json."""
+        return {
+            "reference": "merged PyTorch model, float32",
+            "reference_perplexity": self.reference_perplexity,
+            "texts": self.texts,
+            "positions": self.positions,
+            "decode_steps_per_text": DECODE_STEPS,
+            "passed": self.passed,
+            "variants": {v.variant: asdict(v) for v in self.variants},
+        }
+
+
+def held_out_texts(tokenizer: PreTrainedTokenizerBase, run: RunInfo, samples: int, max_len: int) -> list[list[int]]:
+    """Token ids of held-out examples (prompt + answer), from the run's own data and held-out split.
+
+    The split is the one the federation never trained on, so quantisation error is measured
+    where the adapter generalises, not where it memorised.
+    """
+    from fedswarm.common.batches import encode
+    from fedswarm.common.data import DEFAULT_DATA, load_examples
+    from fedswarm.common.splits import holdout_split
+
+    cfg = run.config
+    records = load_examples(str(cfg.get("data") or DEFAULT_DATA), int(cfg.get("max_samples") or 0))
+    eval_size = min(int(cfg.get("eval_size") or 200), max(1, len(records) - 2))
+    split = holdout_split(len(records), eval_size, int(cfg.get("seed") or 0))
+    picked = split.holdout[:samples]
+    return [list(encode(tokenizer, records[int(i)], max_len).input_ids) for i in picked]
+
+
+def check_variants(
+    model: PreTrainedModel,
+    files: dict[str, Path],
+    texts: list[list[int]],
+    quantised_floor: float,
+    threads: int = 0,
+) -> Parity:
+    """Compare each ONNX file in ``files`` (variant -> path, fp32 included) with ``model`` on ``texts``."""
+    import torch
+
+    sessions = {variant: OrtCausalLM(path, threads) for variant, path in files.items()}
+    stats = {variant: _Stats() for variant in files}
+    ref_nll: list[float] = []
+    for ids in texts:
+        with torch.no_grad():
+            ref = model(torch.tensor([ids])).logits[0].float().numpy()
+        ref_nll.extend(_nll(ref, ids))
+        for variant, session in sessions.items():
+            stats[variant].add(ref, _run_text(session, ids), ids)
+    ref_ppl = math.exp(float(np.mean(ref_nll)))
+    fp32_size = files["fp32"].stat().st_size
+    results = []
+    for variant, path in files.items():
+        s = stats[variant]
+        ppl = math.exp(float(np.mean(s.nll)))
+        agreement = s.agree / max(1, s.positions)
+        floor = min_agreement(variant, quantised_floor)
+        results.append(
+            VariantParity(
+                variant=variant,
+                file=f"onnx/{path.name}",
+                size_bytes=path.stat().st_size,
+                size_vs_fp32=path.stat().st_size / fp32_size,
+                next_token_agreement=agreement,
+                max_logit_error=s.max_err,
+                mean_logit_error=s.abs_sum / max(1, s.count),
+                perplexity=ppl,
+                perplexity_change=ppl / ref_ppl - 1.0,
+                min_agreement=floor,
+                passed=agreement >= floor,
+            )
+        )
+    return Parity(results, ref_ppl, len(texts), sum(len(t) - 1 for t in texts))
+
+
+def _run_text(session: OrtCausalLM, ids: list[int]) -> np.ndarray:
+    session.reset()
+    split = max(1, len(ids) - DECODE_STEPS)
+    parts = [session.forward(ids[:split])]
+    parts.extend(session.forward([token]) for token in ids[split:])
+    return np.concatenate(parts, axis=0)
+
+
+def _nll(logits: np.ndarray, ids: list[int]) -> list[float]:
+    """Negative log-likelihood of each next token (positions 0..n-2 predict ids 1..n-1)."""
+    x = logits[:-1].astype(np.float64)
+    x = x - x.max(axis=1, keepdims=True)
+    logz = np.log(np.exp(x).sum(axis=1))
+    return list(logz - x[np.arange(len(ids) - 1), ids[1:]])
+
+
+class _Stats:
+    def __init__(self) -> None:
+        self.agree = self.positions = self.count = 0
+        self.max_err = self.abs_sum = 0.0
+        self.nll: list[float] = []
+
+    def add(self, ref: np.ndarray, got: np.ndarray, ids: list[int]) -> None:
+        err = np.abs(got - ref)
+        self.max_err = max(self.max_err, float(err.max()))
+        self.abs_sum += float(err.sum(dtype=np.float64))
+        self.count += err.size
+        self.agree += int((got[:-1].argmax(axis=1) == ref[:-1].argmax(axis=1)).sum())
+        self.positions += len(ids) - 1
+        self.nll.extend(_nll(got, ids))

@@ -1,0 +1,42 @@
+"""Shared by the edge tests: a tiny federated-looking run with a trained adapter, and exporting it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+TRAIN_STEPS = 40  # enough for the tiny model to answer held-out prompts with clear margins
+
+
+def tiny_run(folder: Path) -> Path:
+    """RUN_DIR with adapter/ (LoRA trained on sarcasm) and summary.json, as a federated run writes them."""
+    from fedswarm.client.trainer.local_train import train_lora
+    from fedswarm.common.data import load_examples
+    from fedswarm.common.lora import adapter_state, attach_lora, save_adapter
+    from fedswarm.common.model import load_model, load_tokenizer
+    from fedswarm.common.splits import holdout_split
+
+    config = {"model": "tiny", "data": "sarcasm", "clients": 2, "rounds": 1, "eval_size": 50, "seed": 0}
+    config |= {"lora_rank": 4, "lora_alpha": 8.0, "local_steps": TRAIN_STEPS, "partition": "iid", "max_samples": 600}
+    records = load_examples("sarcasm", config["max_samples"])
+    split = holdout_split(len(records), config["eval_size"], config["seed"])
+    tokenizer = load_tokenizer("tiny")
+    model = attach_lora(load_model("tiny"), rank=4, alpha=8.0, seed=0)
+    train_lora(model, tokenizer, [records[i] for i in split.train], TRAIN_STEPS, 8, 1e-2, 64, 0, precision="fp32")
+    save_adapter(model, adapter_state(model), folder / "adapter")
+    summary = {"config": config, "rounds": 1, "final": {"eval_loss": 1.0, "eval_accuracy": 0.5}}
+    (folder / "summary.json").write_text(json.dumps(summary), encoding="utf-8")
+    return folder / "adapter"
+
+
+def held_out_prompts(count: int) -> list[list[int]]:
+    """Chat-rendered prompts of held-out examples of :func:`tiny_run`'s data."""
+    from fedswarm.common.batches import prompt_ids
+    from fedswarm.common.data import load_examples
+    from fedswarm.common.model import load_tokenizer
+    from fedswarm.common.splits import holdout_split
+
+    records = load_examples("sarcasm", 600)
+    split = holdout_split(len(records), 50, 0)
+    tokenizer = load_tokenizer("tiny")
+    return [prompt_ids(tokenizer, records[int(i)])[-48:] for i in split.holdout[:count]]

@@ -1,0 +1,87 @@
+"""The export end to end on the tiny model: layout, parity.json, optimum reload, serving."""
+
+import json
+import subprocess
+import sys
+import urllib.request
+
+import pytest
+
+from tests.edge_support import held_out_prompts, tiny_run
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def edge(tmp_path_factory):
+    root = tmp_path_factory.mktemp("edge")
+    adapter = tiny_run(root / "run")
+    out = root / "edge"
+    cmd = [sys.executable, "-m", "fedswarm.common.cli", "export", "--adapter", str(adapter), "--out", str(out)]
+    cmd += ["--quant", "fp32,int8", "--parity-samples", "8", "--parity-max-len", "64"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+def test_layout_is_what_transformers_js_reads(edge):
+    for name in ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "README.md"):
+        assert (edge / name).is_file(), name
+    assert sorted(p.name for p in (edge / "onnx").iterdir()) == ["model.onnx", "model_quantized.onnx"]
+    tokenizer_config = json.loads((edge / "tokenizer_config.json").read_text())
+    assert "<|im_start|>" in tokenizer_config["chat_template"]
+    assert not (edge / "chat_template.jinja").exists()
+    assert json.loads((edge / "web" / "edge.json").read_text())["dtypes"] == {"fp32": "fp32", "int8": "q8"}
+    assert not [p for p in edge.parent.iterdir() if p.name.startswith(".edge")]  # no temp folders left
+
+
+def test_parity_json_holds_the_figures(edge):
+    parity = json.loads((edge / "parity.json").read_text())
+    assert parity["passed"] and parity["texts"] == 8 and parity["positions"] > 100
+    fp32, int8 = parity["variants"]["fp32"], parity["variants"]["int8"]
+    assert fp32["next_token_agreement"] >= 0.999 and fp32["max_logit_error"] < 1e-3
+    assert fp32["size_vs_fp32"] == 1.0 and int8["size_vs_fp32"] < 0.5
+    assert abs(fp32["perplexity_change"]) < 1e-4
+    for key in ("max_logit_error", "mean_logit_error", "perplexity", "next_token_agreement", "size_bytes"):
+        assert isinstance(int8[key], (int, float))
+    card = (edge / "README.md").read_text()
+    assert "| int8 | `onnx/model_quantized.onnx` |" in card and "sarcasm" in card
+
+
+@pytest.mark.parametrize("file_name", ["model.onnx", "model_quantized.onnx"])
+def test_optimum_reload_generates_pytorchs_greedy_tokens(edge, file_name):
+    import torch
+    from optimum.onnxruntime import ORTModelForCausalLM
+    from peft import PeftModel
+
+    from fedswarm.common.model import load_model
+
+    reference = PeftModel.from_pretrained(load_model("tiny"), str(edge.parent / "run" / "adapter")).merge_and_unload()
+    onnx_model = ORTModelForCausalLM.from_pretrained(edge, subfolder="onnx", file_name=file_name)
+    for prompt in held_out_prompts(3):
+        ids = torch.tensor([prompt])
+        kwargs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "max_new_tokens": 8, "do_sample": False}
+        with torch.no_grad():
+            want = reference.generate(**kwargs)[0].tolist()
+        got = onnx_model.generate(**kwargs)[0].tolist()
+        assert got == want, f"{file_name}: {got[len(prompt) :]} != {want[len(prompt) :]}"
+
+
+def test_serve_web_serves_page_model_and_runtime(edge):
+    from fedswarm.client.edge.serve import serve_in_thread
+
+    server, url = serve_in_thread(edge)
+    try:
+        with urllib.request.urlopen(url) as page:
+            assert page.headers["Cross-Origin-Embedder-Policy"] == "require-corp"
+            assert b'src="./app.js"' in page.read()
+        base = url.removesuffix("web/")
+        with urllib.request.urlopen(base + "onnx/model_quantized.onnx") as model:
+            assert int(model.headers["Content-Length"]) == (edge / "onnx" / "model_quantized.onnx").stat().st_size
+        with urllib.request.urlopen(url + "vendor/ort-wasm-simd-threaded.asyncify.wasm") as wasm:
+            assert wasm.headers["Content-Type"] == "application/wasm"
+        with pytest.raises(urllib.error.HTTPError):
+            urllib.request.urlopen(base + "../../etc/passwd")
+    finally:
+        server.shutdown()
+        server.server_close()
