@@ -3,7 +3,9 @@
 A registry and three block servers (blocks 0:10, 10:20, 20:30 of SmolLM2-135M) run as
 separate processes; the client runs embeddings and LM head. Local and swarm generations
 alternate (same prompt, same thread count) so background load hits both alike. Per-hop
-overhead is step time minus the servers' own compute minus the client's head, per hop.
+overhead is the time a step spends in the swarm minus the servers' own compute, per hop
+(serialisation, gRPC, the loopback network, thread hand-offs).
+"Local span code" runs the servers' block code and the client's head in one process (no network).
 Memory: a server of blocks 0:15 against one of 0:30 (weights and resident set).
 
     .venv/bin/python bench/swarm.py [--tokens 32] [--repeats 3] [--threads 1]
@@ -57,36 +59,40 @@ def main() -> None:
 
 
 def run(args: argparse.Namespace, registry: str) -> dict[str, list[float]]:
-
     from fedswarm.client.swarm.client import SwarmClient
     from fedswarm.client.swarm.head import load_head
     from fedswarm.client.swarm.model import SwarmModel
     from fedswarm.common.model import load_model, load_tokenizer, parse_model
+    from fedswarm.server.swarm.blocks import load_span, num_blocks
 
     spec = parse_model(args.model)
     tokenizer = load_tokenizer(spec)
     ids = tokenizer(PROMPT, add_special_tokens=False)["input_ids"]
     local = load_model(spec)
+    whole = load_span(spec, 0, num_blocks(spec))  # the servers' code, in this process: no network
     client = SwarmClient([registry])
     swarm = SwarmModel(client, load_head(spec))
-    head_s = time_head(swarm, ids)
-    out: dict[str, list[float]] = {"local": [], "swarm": [], "hop_ms": [], "server_ms": []}
+    out: dict[str, list[float]] = {"local": [], "blocks": [], "swarm": [], "hop_ms": [], "server_ms": [], "head_ms": []}
     try:
         local_greedy(local, ids, 4)  # warm-up both paths
         swarm.generate(ids, 4)
         for _ in range(args.repeats):
             tokens, step_s = local_greedy(local, ids, args.tokens)
             out["local"].append(statistics.median(step_s[1:]))
+            if span_greedy(whole, swarm.head, ids, args.tokens, out["blocks"]) != tokens:
+                raise SystemExit("the in-process span differs from the local model")
             result = swarm.generate(ids, args.tokens)
             if result.tokens != tokens:
                 raise SystemExit(f"swarm tokens {result.tokens} differ from local {tokens}")
-            decode = list(zip(result.step_s[1:], result.server_ms[1:], strict=True))
-            out["swarm"].append(statistics.median(s for s, _ in decode))
-            out["server_ms"].append(statistics.median(ms for _, ms in decode))
-            out["hop_ms"].append(statistics.median((s - ms / 1e3 - head_s) * 1e3 / result.hops for s, ms in decode))
+            out["swarm"].append(statistics.median(result.step_s[1:]))
+            out["server_ms"].append(statistics.median(result.server_ms[1:]))
+            hops = zip(result.remote_s[1:], result.server_ms[1:], strict=True)
+            out["hop_ms"].append(statistics.median((s * 1e3 - ms) / result.hops for s, ms in hops))
+            out["head_ms"].append(
+                statistics.median((a - b) * 1e3 for a, b in zip(result.step_s, result.remote_s, strict=True))
+            )
         print(f"text: {PROMPT!r} -> {tokenizer.decode(tokens)!r}")
         print(f"route: {', '.join(f'{h.address} [{h.start}:{h.end}]' for h in client.plan())}")
-        out["head_ms"] = [head_s * 1e3]
     finally:
         client.close()
     return out
@@ -108,16 +114,21 @@ def local_greedy(model, ids: list[int], steps: int) -> tuple[list[int], list[flo
     return tokens, times
 
 
-def time_head(swarm, ids: list[int], repeats: int = 20) -> float:
-    """The client's own work per decoding step: one embedding lookup and the LM head."""
+def span_greedy(span, head, ids: list[int], steps: int, medians: list[float]) -> list[int]:
+    """Greedy decoding with the block servers' code and the client's head, all in this process."""
     import torch
 
-    hidden = torch.randn(1, 1, swarm.head.norm.weight.shape[0])
-    begin = time.perf_counter()
-    for _ in range(repeats):
-        swarm.head.embed(torch.tensor([[ids[0]]]))
-        int(swarm.head.logits(hidden[:, -1])[0].argmax())
-    return (time.perf_counter() - begin) / repeats
+    cache = span.new_cache(span.start, span.end, 1, len(ids) + steps)
+    x, tokens, times = torch.tensor([ids]), [], []
+    for _ in range(steps):
+        begin = time.perf_counter()
+        hidden = span.forward(head.embed(x), span.start, span.end, cache)
+        token = int(head.logits(hidden[:, -1])[0].argmax())
+        times.append(time.perf_counter() - begin)
+        tokens.append(token)
+        x = torch.tensor([[token]])
+    medians.append(statistics.median(times[1:]))
+    return tokens
 
 
 def measure_memory(folder: Path, model: str, env: dict, procs: list) -> dict[str, tuple[float, float]]:
@@ -192,12 +203,14 @@ def report(timing: dict[str, list[float]], memory: dict[str, tuple[float, float]
     local = statistics.median(timing["local"])
     swarm = statistics.median(timing["swarm"])
     print(f"threads per process: {args.threads}; {args.tokens} new tokens; median over {args.repeats} interleaved runs")
-    print(f"local  model : {1 / local:7.1f} tokens/s ({local * 1e3:.1f} ms/token)")
-    print(f"swarm 3 hops : {1 / swarm:7.1f} tokens/s ({swarm * 1e3:.1f} ms/token)")
-    print(f"ratio swarm/local: {local / swarm:.2f} (goal >= 0.70)")
+    blocks = statistics.median(timing["blocks"])
+    print(f"local HF model          : {1 / local:7.1f} tokens/s ({local * 1e3:.1f} ms/token)")
+    print(f"local span code, 0 hops : {1 / blocks:7.1f} tokens/s ({blocks * 1e3:.1f} ms/token)")
+    print(f"swarm, 3 hops           : {1 / swarm:7.1f} tokens/s ({swarm * 1e3:.1f} ms/token)")
+    print(f"ratio swarm/local HF: {local / swarm:.2f}; swarm/local span code: {blocks / swarm:.2f} (goal >= 0.70)")
     print(
         f"per step: servers compute {statistics.median(timing['server_ms']):.1f} ms, client head "
-        f"{timing['head_ms'][0]:.1f} ms, overhead {statistics.median(timing['hop_ms']):.2f} ms per hop"
+        f"{statistics.median(timing['head_ms']):.1f} ms, overhead {statistics.median(timing['hop_ms']):.2f} ms per hop"
     )
     (hw, hr), (fw, fr) = memory["half 0:15"], memory["full 0:30"]
     print(f"memory: half-span server {hw:.1f} MiB weights / {hr:.0f} MiB RSS; full-span {fw:.1f} / {fr:.0f}")

@@ -28,6 +28,7 @@ class Generation:
     tokens: list[int] = field(default_factory=list)
     logits: list[Any] = field(default_factory=list)  # one [vocab] tensor per new token
     step_s: list[float] = field(default_factory=list)
+    remote_s: list[float] = field(default_factory=list)  # of step_s, the time spent in the swarm
     server_ms: list[float] = field(default_factory=list)  # server compute per step, summed over hops
     hops: int = 0
 
@@ -58,7 +59,10 @@ class SwarmModel:
         with InferenceSession(self.client, ids.shape[1] + max_new_tokens) as session:
             for _ in range(max_new_tokens):
                 begin = time.perf_counter()
-                hidden = session.step(self.head.embed(ids))
+                embeds = self.head.embed(ids)
+                sent = time.perf_counter()
+                hidden = session.step(embeds)
+                result.remote_s.append(time.perf_counter() - sent)
                 logits = self.head.logits(hidden[:, -1])[0]
                 token = int(torch.argmax(logits))
                 result.step_s.append(time.perf_counter() - begin)
