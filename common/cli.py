@@ -14,6 +14,9 @@ COMMANDS = (
     "fedswarm.client.edge.export",
     "fedswarm.client.edge.serve",
     "fedswarm.client.swarm.cli",
+    "fedswarm.server.coordinator.launch",
+    "fedswarm.client.trainer.launch",
+    "fedswarm.server.coordinator.submit",
 )
 
 

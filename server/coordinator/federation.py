@@ -48,11 +48,11 @@ def run_federation(grid: Grid, cfg: FederationConfig) -> dict[str, Any]:
     state = evaluator.initial_state()
     fixed_a = {k: v for k, v in state.items() if "lora_A" in k}  # the shared seeded A (ffa keeps it)
     state, book, rows = _starting_point(resumed, strategy, evaluator, state, run)
-    last_round = resumed.round if resumed else 0
-    for round_no in range(last_round + 1, cfg.rounds + 1):
+    last_round = first_round = resumed.round if resumed else 0
+    for round_no in range(first_round + 1, cfg.rounds + 1):
         check_stop()
         t0 = time.perf_counter()
-        wanted = cfg.clients if round_no == 1 else cfg.needed_clients()  # wait for everyone only at the start
+        wanted = cfg.clients if round_no == first_round + 1 else cfg.needed_clients()  # everyone, at the start
         node_ids = wait_for_nodes(grid, wanted, cfg.needed_clients(), NODE_WAIT_SECONDS)
         log.info("round %d/%d: training on %d clients", round_no, cfg.rounds, len(node_ids))
         config = ConfigRecord({**cfg.to_run_config(), "server-round": round_no})

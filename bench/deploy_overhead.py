@@ -1,0 +1,191 @@
+"""Per-round overhead of the deployment engine against the simulation, for the same run.
+
+Overhead = a round's wall time minus the nodes' own training seconds (the slowest node:
+nodes train side by side), and the same for the training phase alone (send, train,
+collect; without the coordinator's held-out evaluation and checkpoint). Deployment: a
+SuperLink with TLS and node authentication and N SuperNodes on 127.0.0.1, all through the
+``fedswarm`` commands. Simulation: ``fedswarm simulate`` (Ray) with the same settings.
+Also measured apart, to say where the time goes: starting a Python process that imports
+the ClientApp's stack, and loading the model (a deployed node does both for every message).
+
+    .venv/bin/python bench/deploy_overhead.py [--clients 3] [--rounds 2] [--model tiny]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+FEDSWARM = [sys.executable, "-m", "fedswarm.common.cli"]
+
+
+def records(start: int, count: int) -> list[dict]:
+    return [
+        {
+            "input": [{"role": "system", "content": "Answer yes or no."}, {"role": "user", "content": f"Is {i} odd?"}],
+            "ideal": "yes" if i % 2 else "no",
+        }
+        for i in range(start, start + count)
+    ]
+
+
+def write(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def overheads(metrics: Path) -> list[dict]:
+    rows = [json.loads(x) for x in metrics.read_text().splitlines()][1:]
+    out = []
+    for r in rows:
+        slowest = max(c["seconds"] for c in r["per_client"])
+        out.append(
+            {
+                "round": r["round"],
+                "wall": r["seconds"],
+                "train_phase": r["train_seconds"],
+                "node_train": slowest,
+                "overhead": r["seconds"] - slowest,
+                "train_overhead": r["train_seconds"] - slowest,
+                "eval": r["eval_seconds"],
+            }
+        )
+    return out
+
+
+def settings(args: argparse.Namespace) -> list[str]:
+    return [
+        "--model", args.model, "--clients", str(args.clients), "--rounds", str(args.rounds),
+        "--local-steps", str(args.local_steps), "--batch-size", "4", "--eval-size", "12",
+    ]  # fmt: skip
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def deployed(root: Path, args: argparse.Namespace) -> list[dict]:
+    from fedswarm.common.cli import main
+    from fedswarm.common.processes import free_port
+
+    main(["certs", "--out", str(root / "certs"), "--host", "127.0.0.1"])
+    (root / "auth").mkdir()
+    for i in range(args.clients):
+        main(["node-key", "--out", str(root / "keys"), "--name", f"n{i}"])
+        shutil.copy(root / "keys" / f"n{i}.pub", root / "auth")
+        write(root / f"node{i}.jsonl", records(100 * i, 24))
+    held = write(root / "held.jsonl", records(1000, 24))
+    port = free_port()
+    procs: list[subprocess.Popen] = []
+
+    def start(name: str, *cmd: str) -> subprocess.Popen:
+        log = (root / f"{name}.log").open("w")
+        procs.append(subprocess.Popen([*FEDSWARM, *cmd], stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+        return procs[-1]
+
+    try:
+        start("coordinator", "coordinator", "--host", "127.0.0.1", "--port", str(port), "--certs",
+              str(root / "certs"), "--auth-keys", str(root / "auth"), "--run-dir", str(root / "runs"))  # fmt: skip
+        while (root / "coordinator.log").read_text().count("registered node key") < args.clients:
+            time.sleep(0.5)
+        for i in range(args.clients):
+            node = ["--data", str(root / f"node{i}.jsonl"), "--auth-key", str(root / "keys" / f"n{i}")]
+            start(f"node{i}", "node", "--coordinator", f"127.0.0.1:{port}", "--root-cert",
+                  str(root / "certs" / "ca.crt"), *node)  # fmt: skip
+        run = subprocess.run(
+            [*FEDSWARM, "run", "--federation", "bench", "--coordinator", f"127.0.0.1:{port}", "--root-cert",
+             str(root / "certs" / "ca.crt"), "--flwr-home", str(root / "flwr"), "--data", str(held),
+             *settings(args), "--out", "deployed"],
+            capture_output=True, text=True,
+        )  # fmt: skip
+        if run.returncode:
+            raise SystemExit(f"deployment run failed:\n{run.stdout[-2000:]}\n{run.stderr[-2000:]}")
+    finally:
+        for proc in reversed(procs):
+            stop(proc)
+    return overheads(root / "runs" / "deployed" / "metrics.jsonl")
+
+
+def simulated(root: Path, args: argparse.Namespace) -> list[dict]:
+    pool = write(root / "pool.jsonl", records(0, 24 * args.clients + 24))
+    env = {**os.environ, "RAY_ADDRESS": os.environ.get("RAY_ADDRESS", "local")}  # never a stray `ray start` cluster
+    cmd = [*FEDSWARM, "simulate", "--data", str(pool), *settings(args), "--out", str(root / "simulated")]
+    run = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if run.returncode:
+        raise SystemExit(f"simulation failed:\n{run.stderr[-2000:]}")
+    return overheads(root / "simulated" / "metrics.jsonl")
+
+
+def process_start_seconds() -> float:
+    """A fresh interpreter importing what a ClientApp process imports before it can train."""
+    code = "import fedswarm.client.trainer.app, torch, transformers, peft, flwr.clientapp"
+    started = time.perf_counter()
+    subprocess.run([sys.executable, "-c", code], check=True)
+    return time.perf_counter() - started
+
+
+def model_load_seconds(model: str) -> float:
+    code = (
+        "import time, fedswarm.client.trainer.runtime as r; t = time.perf_counter(); "
+        f"r.lora_model({model!r}, 8, 16.0, 0, 'cpu', ''); print(time.perf_counter() - t)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
+    return float(out.split()[-1])
+
+
+def table(name: str, rows: list[dict]) -> None:
+    print(f"\n{name}: round | wall s | node train s | overhead s | train phase s | its overhead s | eval s")
+    for r in rows:
+        print(
+            f"  {r['round']:>5} | {r['wall']:6.1f} | {r['node_train']:12.2f} | {r['overhead']:10.1f} | "
+            f"{r['train_phase']:13.1f} | {r['train_overhead']:14.1f} | {r['eval']:6.2f}"
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--clients", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--local-steps", type=int, default=4)
+    parser.add_argument("--model", default="tiny")
+    args = parser.parse_args()
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    print(f"load average before: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+    with tempfile.TemporaryDirectory(prefix="deploy-bench-") as tmp:
+        root = Path(tmp)
+        (root / "dep").mkdir()
+        (root / "sim").mkdir()
+        dep = deployed(root / "dep", args)
+        sim = simulated(root / "sim", args)
+    spawn, load = process_start_seconds(), model_load_seconds(args.model)
+    table("deployment (TLS + node auth, SuperNodes on 127.0.0.1)", dep)
+    table("simulation (Ray)", sim)
+    d = statistics.mean(r["overhead"] for r in dep)
+    s = statistics.mean(r["overhead"] for r in sim)
+    print(f"\nmean per-round overhead: deployment {d:.1f} s, simulation {s:.1f} s, ratio {d / max(s, 1e-9):.1f}x")
+    dt = statistics.mean(r["train_overhead"] for r in dep)
+    st = statistics.mean(r["train_overhead"] for r in sim)
+    print(f"training phase only:     deployment {dt:.1f} s, simulation {st:.1f} s")
+    print(f"a fresh ClientApp process importing its stack: {spawn:.1f} s; loading the {args.model} model: {load:.2f} s")
+    print("(deployment: Flower starts one flwr-clientapp process per message, so each round pays both, per node;")
+    print(" simulation: Ray actors live through the run and keep the model loaded)")
+    print(f"load average after: {os.getloadavg()[0]:.1f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,240 @@
+"""A real deployment on 127.0.0.1: a SuperLink with TLS and node authentication, three SuperNodes.
+
+Everything goes through the ``fedswarm`` commands (certs, node-key, coordinator, node, run),
+which run Flower's own processes. One deployment serves the tests of this module, in order:
+an unregistered node is refused; two rounds complete; a coordinator stopped after round 1
+resumes round 2 from its checkpoint (compared with the uninterrupted run); a node killed
+during a round leaves a round that completes with the other two.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import ssl
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import write_jsonl
+
+pytestmark = pytest.mark.integration
+
+FEDSWARM = [sys.executable, "-m", "fedswarm.common.cli"]
+NODES = 3
+
+
+def _records(start: int, count: int) -> list[dict]:
+    return [
+        {
+            "input": [{"role": "system", "content": "Answer yes or no."}, {"role": "user", "content": f"Is {i} odd?"}],
+            "ideal": "yes" if i % 2 else "no",
+        }
+        for i in range(start, start + count)
+    ]
+
+
+def _tree(pid: int) -> list:
+    import psutil
+
+    try:
+        parent = psutil.Process(pid)
+        return [parent, *parent.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+
+
+def _stop(proc: subprocess.Popen, grace: float = 20.0) -> None:
+    """SIGTERM a fedswarm command (it stops the Flower processes it started); SIGKILL whatever is left."""
+    import psutil
+
+    tree = _tree(proc.pid)
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            pass
+    for p in tree:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    if proc.poll() is None:
+        proc.wait(timeout=10)
+
+
+class Deployment:
+    def __init__(self, root: Path, port: int) -> None:
+        self.root, self.port = root, port
+        self.env = {**os.environ, "FLWR_HOME": str(root / "flwr-unused"), "PYTHONUNBUFFERED": "1"}
+        self.procs: list[subprocess.Popen] = []
+        self.coordinator: subprocess.Popen | None = None
+        self.nodes: dict[int, subprocess.Popen] = {}
+        self.runs = root / "runs"
+
+    def start(self, name: str, *args: str) -> subprocess.Popen:
+        log = (self.root / f"{name}.log").open("a")
+        proc = subprocess.Popen(
+            [*FEDSWARM, *args], env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, text=True
+        )
+        self.procs.append(proc)
+        return proc
+
+    def log(self, name: str) -> str:
+        path = self.root / f"{name}.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def start_coordinator(self) -> None:
+        self.coordinator = self.start(
+            "coordinator", "coordinator", "--host", "127.0.0.1", "--port", str(self.port),
+            "--certs", str(self.root / "certs"), "--auth-keys", str(self.root / "auth"), "--run-dir", str(self.runs),
+        )  # fmt: skip
+
+    def wait_for_log(self, name: str, text: str, count: int = 1, timeout: float = 120.0) -> None:
+        deadline = time.monotonic() + timeout
+        while self.log(name).count(text) < count:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{name}: no {count} x {text!r} within {timeout} s:\n{self.log(name)[-3000:]}")
+            time.sleep(0.5)
+
+    def node_args(self, key: str, data: Path) -> list[str]:
+        return [
+            "node", "--coordinator", f"127.0.0.1:{self.port}", "--data", str(data),
+            "--root-cert", str(self.root / "certs" / "ca.crt"), "--auth-key", str(self.root / "keys" / key),
+        ]  # fmt: skip
+
+    def start_node(self, i: int) -> None:
+        self.nodes[i] = self.start(f"node{i}", *self.node_args(f"n{i}", self.root / f"node{i}.jsonl"))
+
+    def run_args(self, out: str, *extra: str) -> list[str]:
+        return [
+            "run", "--federation", "local", "--coordinator", f"127.0.0.1:{self.port}",
+            "--root-cert", str(self.root / "certs" / "ca.crt"), "--flwr-home", str(self.root / "flwr"),
+            "--model", "tiny", "--data", str(self.root / "held.jsonl"), "--clients", str(NODES), "--rounds", "2",
+            "--local-steps", "2", "--batch-size", "4", "--eval-size", "12", "--round-timeout", "240",
+            "--out", out, *extra,
+        ]  # fmt: skip
+
+    def run(self, *args: str, timeout: float = 400.0) -> subprocess.CompletedProcess:
+        return subprocess.run([*FEDSWARM, *args], env=self.env, capture_output=True, text=True, timeout=timeout)
+
+    def metrics(self, out: str) -> list[dict]:
+        path = self.runs / out / "metrics.jsonl"
+        return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
+
+    def stop_all(self) -> None:
+        for proc in reversed(self.procs):
+            _stop(proc)
+
+
+@pytest.fixture(scope="module")
+def deployment(tmp_path_factory):
+    from fedswarm.common.cli import main
+    from fedswarm.common.processes import free_port
+
+    root = tmp_path_factory.mktemp("deploy")
+    assert main(["certs", "--out", str(root / "certs"), "--host", "127.0.0.1"]) == 0
+    (root / "auth").mkdir()
+    for name in [f"n{i}" for i in range(NODES)] + ["rogue"]:
+        assert main(["node-key", "--out", str(root / "keys"), "--name", name]) == 0
+        if name != "rogue":
+            shutil.copy(root / "keys" / f"{name}.pub", root / "auth")
+    for i in range(NODES):  # each node its own file; the coordinator its own held-out file
+        write_jsonl(root / f"node{i}.jsonl", _records(100 * i, 24))
+    write_jsonl(root / "held.jsonl", _records(1000, 24))
+    dep = Deployment(root, free_port())
+    try:
+        dep.start_coordinator()
+        dep.wait_for_log("coordinator", "registered node key", NODES)
+        for i in range(NODES):
+            dep.start_node(i)
+        yield dep
+    finally:
+        dep.stop_all()
+        leftovers = [p for proc in dep.procs for p in _tree(proc.pid)]
+        assert not leftovers, f"processes left running: {leftovers}"
+
+
+def test_unregistered_node_is_refused(deployment):
+    rogue = deployment.run(*deployment.node_args("rogue", deployment.root / "node0.jsonl"), timeout=120)
+    assert rogue.returncode == 2, rogue.stdout[-2000:] + rogue.stderr[-2000:]
+    assert "refused this node" in rogue.stderr
+    # the SuperLink speaks TLS only, with the certificate of our CA
+    pem = ssl.get_server_certificate(("127.0.0.1", deployment.port))
+    assert "BEGIN CERTIFICATE" in pem
+
+
+def test_two_rounds_over_tls_with_node_auth(deployment):
+    done = deployment.run(*deployment.run_args("full"))
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "$ flwr run" in done.stdout and "completed" in done.stdout
+    rows = deployment.metrics("full")
+    assert [r["round"] for r in rows] == [0, 1, 2]
+    for row in rows[1:]:
+        assert row["clients"] == NODES and row["failures"] == 0 and row["rejected"] == 0
+        assert row["train_loss"] > 0 and row["bytes_up"] > 0
+    assert rows[2]["eval_loss"] < rows[0]["eval_loss"]
+    full = deployment.runs / "full"
+    assert (full / "adapter" / "adapter_model.safetensors").is_file()
+    assert (full / "checkpoints" / "round-002" / "state.json").is_file()
+    # the nodes' data paths never reach the coordinator
+    written = "".join(p.read_text(errors="replace") for p in full.rglob("*.json*"))
+    assert "node0.jsonl" not in written and "node1.jsonl" not in written
+
+
+def test_coordinator_stopped_after_round_one_resumes_round_two(deployment):
+    runner = deployment.start("run-interrupted", *deployment.run_args("interrupted"))
+    deadline = time.monotonic() + 300
+    while not any(r["round"] == 1 for r in deployment.metrics("interrupted")):
+        assert time.monotonic() < deadline and runner.poll() is None, deployment.log("run-interrupted")[-3000:]
+        time.sleep(0.5)
+    _stop(deployment.coordinator)  # SuperLink, its ServerApp and SuperExec go down mid-run
+    _stop(runner)
+    assert [r["round"] for r in deployment.metrics("interrupted")] == [0, 1]
+    deployment.start_coordinator()  # same port, same run dir and SuperLink database: same node ids
+    deployment.wait_for_log("coordinator", "coordinator listening", count=2)
+    resumed = deployment.run(
+        "run", "--federation", "local", "--flwr-home", str(deployment.root / "flwr"), "--resume", "interrupted"
+    )
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert "resuming" in resumed.stdout + resumed.stderr
+    rows = deployment.metrics("interrupted")
+    assert [r["round"] for r in rows] == [0, 1, 2] and rows[2]["clients"] == NODES
+    from safetensors.torch import load_file
+
+    a = load_file(str(deployment.runs / "full" / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(deployment.runs / "interrupted" / "adapter" / "adapter_model.safetensors"))
+    assert set(a) == set(b)
+    diff = max(float((a[k] - b[k]).abs().max()) for k in a)
+    print(f"resumed vs uninterrupted: max |adapter difference| = {diff:.3e}")
+    assert diff < 1e-5
+    assert abs(rows[2]["eval_loss"] - deployment.metrics("full")[2]["eval_loss"]) < 1e-4
+
+
+def test_node_killed_during_a_round_leaves_the_round_to_the_others(deployment):
+    import psutil
+
+    runner = deployment.start(
+        "run-dropout", *deployment.run_args("dropout", "--rounds", "1", "--min-clients", "2", "--round-timeout", "150")
+    )
+    victim = deployment.nodes[2]
+    deadline = time.monotonic() + 200
+    while not any("flwr-clientapp" in " ".join(p.cmdline()) for p in _tree(victim.pid)[1:] if p.is_running()):
+        assert time.monotonic() < deadline and runner.poll() is None, deployment.log("run-dropout")[-3000:]
+        time.sleep(0.2)
+    for p in _tree(victim.pid):  # training has started on node 2: kill it, SuperNode and all
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    assert runner.wait(timeout=300) == 0, deployment.log("run-dropout")[-3000:]
+    rows = deployment.metrics("dropout")
+    assert [r["round"] for r in rows] == [0, 1]
+    assert rows[1]["clients"] == 2 and rows[1]["failures"] == 1, rows[1]
+    assert rows[1]["failed_why"] and rows[1]["seconds"] > 0
