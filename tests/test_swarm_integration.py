@@ -254,6 +254,7 @@ def swarm(tmp_path_factory):
         yield Swarm(procs, security, adapter)
     finally:
         procs.stop_all()
+        warm.join(timeout=5)
 
 
 def _wait_listed(procs: Procs, security: Security, expected: dict[str, str], servers: dict) -> None:
