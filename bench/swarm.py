@@ -8,7 +8,7 @@ overhead is the time a step spends in the swarm minus the servers' own compute, 
 "Local span code" runs the servers' block code and the client's head in one process (no network).
 Memory: a server of blocks 0:15 against one of 0:30 (weights and resident set).
 
-    .venv/bin/python bench/swarm.py [--tokens 32] [--repeats 3] [--threads 1]
+    .venv/bin/python bench/swarm.py [--tokens 32] [--repeats 3] [--threads 2]
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--tokens", type=int, default=32, help="new tokens per generation")
     parser.add_argument("--repeats", type=int, default=3, help="generations of each kind, interleaved")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads of the client, local model and servers")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads of the client, local model and servers")
     args = parser.parse_args()
 
     # Idle OpenMP threads must not spin while another process of the pipeline computes; the

@@ -61,7 +61,9 @@ def _security(parser: argparse.ArgumentParser, server: bool) -> None:
 def _client(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--registry", action="append", required=True, help="HOST:PORT; repeat for several registries")
     parser.add_argument("--model", default="", help="model to use (default: the one the servers announce)")
-    parser.add_argument("--adapter-id", default=None, help="adapter to use ('' for none; default: the servers')")
+    adapter = parser.add_mutually_exclusive_group()
+    adapter.add_argument("--adapter-id", default=None, help="adapter to use ('' for none; default: the servers')")
+    adapter.add_argument("--adapter", default=None, help="use servers that merged this PEFT adapter folder")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     _security(parser, server=False)
 
@@ -105,6 +107,10 @@ def _connect(args: argparse.Namespace) -> tuple[object, object, object]:
 
     if args.model:
         args.model = parse_model(args.model).model_id
+    if args.adapter:
+        from fedswarm.server.swarm.adapter import adapter_id, check_adapter_folder
+
+        args.adapter_id = adapter_id(check_adapter_folder(args.adapter))
     # the registries first: their errors should not wait for torch to import
     client = SwarmClient(registries_arg(args.registry), _security_of(args), args.model, args.adapter_id)  # type: ignore[arg-type]
     import torch
