@@ -6,17 +6,38 @@ leave the node; the base model is loaded once per process and reused across roun
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedswarm.client.trainer.node_round import PRIVACY_KEY, node_rank, prepare_adapter, train_round
-from fedswarm.client.trainer.runtime import lora_model, shard_for
+from fedswarm.client.trainer.runtime import Shard, lora_model, shard_for
 from fedswarm.common.config import FederationConfig, from_run_config
+
+if TYPE_CHECKING:
+    from peft import PeftModel
+    from transformers import PreTrainedTokenizerBase
 
 app = ClientApp()
 
 
-def _setup(msg: Message) -> tuple[FederationConfig, int, str]:
+@dataclass(frozen=True)
+class Prepared:
+    """Everything a handler works with: settings, this node's data and its model with the adapter."""
+
+    cfg: FederationConfig
+    server_round: int
+    device: str
+    shard: Shard
+    rank: int
+    model: PeftModel
+    tokenizer: PreTrainedTokenizerBase
+
+
+def _prepare(msg: Message, context: Context) -> Prepared:
+    """Read the settings, pick threads and device, and load the received adapter at this node's rank."""
     import torch
 
     from fedswarm.common.device import check_quantize_base, resolve_device
@@ -28,7 +49,11 @@ def _setup(msg: Message) -> tuple[FederationConfig, int, str]:
         torch.set_num_threads(threads)
     device = resolve_device(cfg.device)
     check_quantize_base(cfg.quantize_base, device)
-    return cfg, int(config.get("server-round", 0)), device
+    shard = shard_for(context.node_config, cfg)
+    rank = node_rank(cfg, context.node_config, shard.partition_id)
+    model, tokenizer = lora_model(cfg.model, rank, cfg.lora_alpha, cfg.seed, device, cfg.quantize_base)
+    prepare_adapter(model, cfg, msg.content["arrays"].to_torch_state_dict(), rank)
+    return Prepared(cfg, int(config.get("server-round", 0)), device, shard, rank, model, tokenizer)
 
 
 def _privacy_history(msg: Message, context: Context) -> str | None:
@@ -45,22 +70,18 @@ def train(msg: Message, context: Context) -> Message:
     from fedswarm.client.trainer.node_info import node_info
     from fedswarm.common.memory import peak_rss_mb
 
-    cfg, server_round, device = _setup(msg)
-    shard = shard_for(context.node_config, cfg)
-    rank = node_rank(cfg, context.node_config, shard.partition_id)
-    model, tokenizer = lora_model(cfg.model, rank, cfg.lora_alpha, cfg.seed, device, cfg.quantize_base)
-    prepare_adapter(model, cfg, msg.content["arrays"].to_torch_state_dict(), rank)
-    out = train_round(model, tokenizer, shard, cfg, server_round, _privacy_history(msg, context))
+    job = _prepare(msg, context)
+    out = train_round(job.model, job.tokenizer, job.shard, job.cfg, job.server_round, _privacy_history(msg, context))
     if out.privacy_history is not None:
         context.state[PRIVACY_KEY] = ConfigRecord({"history": out.privacy_history})
     metrics = {
         **out.metrics,
-        "num-examples": len(shard.train),
+        "num-examples": len(job.shard.train),
         "unit-weight": 1,
-        "lora-rank": rank,
+        "lora-rank": job.rank,
         "peak-rss-mb": peak_rss_mb(),
     }
-    content = RecordDict({"metrics": MetricRecord(metrics), "node-info": ConfigRecord(node_info(device))})
+    content = RecordDict({"metrics": MetricRecord(metrics), "node-info": ConfigRecord(node_info(job.device))})
     if out.state is not None:
         content["arrays"] = ArrayRecord(out.state)
     if out.privacy_history is not None:
@@ -73,13 +94,9 @@ def evaluate(msg: Message, context: Context) -> Message:
     """Loss and accuracy of the received adapter on this node's own validation slice."""
     from fedswarm.common.evaluate import evaluate as run_eval
 
-    cfg, _, device = _setup(msg)
-    shard = shard_for(context.node_config, cfg)
-    rank = node_rank(cfg, context.node_config, shard.partition_id)
-    model, tokenizer = lora_model(cfg.model, rank, cfg.lora_alpha, cfg.seed, device, cfg.quantize_base)
-    prepare_adapter(model, cfg, msg.content["arrays"].to_torch_state_dict(), rank)
-    examples = shard.validation or shard.train[:8]
-    result = run_eval(model, tokenizer, examples, cfg.max_seq_len)
+    job = _prepare(msg, context)
+    examples = job.shard.validation or job.shard.train[:8]
+    result = run_eval(job.model, job.tokenizer, examples, job.cfg.max_seq_len)
     values: dict[str, float | int] = {"eval-loss": result.loss, "num-examples": result.examples}
     if result.accuracy is not None:
         values["eval-accuracy"] = result.accuracy
