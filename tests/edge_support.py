@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
-TRAIN_STEPS = 40  # enough for the tiny model to answer held-out prompts with clear margins
+TRAIN_STEPS = 30
+# Trained to one fixed reply, the tiny model answers every prompt with it by margins of ~6 logits.
+# Untrained, it is random: next-token margins of ~0.05 logits, where int8 rounding flips greedy
+# choices and a token comparison would test float noise rather than the export.
+ANSWER = "Yes, that is sarcasm."
+ANSWER_TOKENS = 6
 
 
 def tiny_run(folder: Path) -> Path:
@@ -22,9 +28,10 @@ def tiny_run(folder: Path) -> Path:
     split = holdout_split(len(records), config["eval_size"], config["seed"])
     tokenizer = load_tokenizer("tiny")
     model = attach_lora(load_model("tiny"), rank=4, alpha=8.0, seed=0)
-    train_lora(model, tokenizer, [records[i] for i in split.train], TRAIN_STEPS, 8, 1e-2, 64, 0, precision="fp32")
+    train = [dataclasses.replace(records[i], answer=ANSWER) for i in split.train]
+    train_lora(model, tokenizer, train, TRAIN_STEPS, 8, 1e-2, 64, 0, precision="fp32")
     save_adapter(model, adapter_state(model), folder / "adapter")
-    summary = {"config": config, "rounds": 1, "final": {"eval_loss": 1.0, "eval_accuracy": 0.5}}
+    summary = {"config": config, "rounds": 1, "final": {"eval_loss": None, "eval_accuracy": None}}
     (folder / "summary.json").write_text(json.dumps(summary), encoding="utf-8")
     return folder / "adapter"
 

@@ -7,9 +7,11 @@ import urllib.request
 
 import pytest
 
-from tests.edge_support import held_out_prompts, tiny_run
+from tests.edge_support import ANSWER_TOKENS, held_out_prompts, tiny_run
 
 pytestmark = pytest.mark.integration
+
+NEW_TOKENS = ANSWER_TOKENS  # the trained reply (past it the tiny model is random again)
 
 
 @pytest.fixture(scope="module")
@@ -48,22 +50,27 @@ def test_parity_json_holds_the_figures(edge):
     assert "| int8 | `onnx/model_quantized.onnx` |" in card and "sarcasm" in card
 
 
-@pytest.mark.parametrize("file_name", ["model.onnx", "model_quantized.onnx"])
-def test_optimum_reload_generates_pytorchs_greedy_tokens(edge, file_name):
-    import torch
-    from optimum.onnxruntime import ORTModelForCausalLM
+@pytest.fixture(scope="module")
+def reference(edge):
     from peft import PeftModel
 
     from fedswarm.common.model import load_model
 
-    reference = PeftModel.from_pretrained(load_model("tiny"), str(edge.parent / "run" / "adapter")).merge_and_unload()
+    return PeftModel.from_pretrained(load_model("tiny"), str(edge.parent / "run" / "adapter")).merge_and_unload()
+
+
+@pytest.mark.parametrize("file_name", ["model.onnx", "model_quantized.onnx"])
+def test_optimum_reload_generates_pytorchs_greedy_tokens(edge, reference, file_name):
+    import torch
+    from optimum.onnxruntime import ORTModelForCausalLM
+
     onnx_model = ORTModelForCausalLM.from_pretrained(edge, subfolder="onnx", file_name=file_name)
     for prompt in held_out_prompts(3):
         ids = torch.tensor([prompt])
-        kwargs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "max_new_tokens": 8, "do_sample": False}
+        kwargs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "max_new_tokens": NEW_TOKENS}
         with torch.no_grad():
-            want = reference.generate(**kwargs)[0].tolist()
-        got = onnx_model.generate(**kwargs)[0].tolist()
+            want = reference.generate(**kwargs, do_sample=False)[0].tolist()
+        got = onnx_model.generate(**kwargs, do_sample=False)[0].tolist()
         assert got == want, f"{file_name}: {got[len(prompt) :]} != {want[len(prompt) :]}"
 
 
@@ -85,3 +92,15 @@ def test_serve_web_serves_page_model_and_runtime(edge):
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_export_refuses_a_variant_below_min_agreement(tmp_path):
+    out = tmp_path / "edge"
+    cmd = [sys.executable, "-m", "fedswarm.common.cli", "export", "--adapter", "none", "--model", "tiny"]
+    cmd += ["--out", str(out), "--quant", "q4", "--min-agreement", "0.99", "--parity-samples", "2"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 2
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("fedswarm export: error: parity check failed: q4 next-token agreement 0.")
+    assert "< 0.99" in last and "not written" in last
+    assert list(tmp_path.iterdir()) == []

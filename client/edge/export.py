@@ -99,7 +99,7 @@ def export(
         for variant in variants:
             if variant != "fp32":
                 log.info("Quantising: %s", variant)
-                files[variant] = quantize_variant(variant, files["fp32"], onnx_dir / FILES[variant])
+                files[variant] = quantize_variant(variant, files["fp32"], onnx_dir / FILES[variant], files)
         files = {v: files[v] for v in variants}
         write_model_files(tmp, model, tokenizer)
         texts = held_out_texts(tokenizer, run_info, parity_samples, parity_max_len)
@@ -107,7 +107,8 @@ def export(
         parity = check_variants(model, files, texts, min_agreement, threads)
         report = parity.to_json()
         (tmp / "parity.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-        log.info("\n%s", "\n".join(model_card(spec.name, run_info, parity).split("## Files and parity")[1:2]))
+        table = "\n".join(line for line in model_card(spec.name, run_info, parity).splitlines() if line.startswith("|"))
+        log.info("parity against PyTorch (%d held-out texts):\n%s", parity.texts, table)
         if not parity.passed:
             raise FedswarmError(f"parity check failed: {'; '.join(parity.failures())}; {out} not written")
         (tmp / "README.md").write_text(model_card(spec.name, run_info, parity), encoding="utf-8")
