@@ -5,6 +5,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 
 def _swarm(*args: str) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "fedswarm.common.cli", "swarm", *args]
@@ -24,6 +26,30 @@ def test_unreachable_registry_is_one_line():
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert lines[-1] == "fedswarm swarm: error: registry unreachable: 127.0.0.1:1 (UNAVAILABLE)"
+
+
+def _cuda_usable() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+@pytest.mark.skipif(_cuda_usable(), reason="checks the error on machines without CUDA")
+def test_device_cuda_without_a_gpu_is_one_line():
+    proc = _swarm("serve", "--registry", "127.0.0.1:9", "--model", "tiny", "--blocks", "0:2", "--device", "cuda")
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1
+    assert lines[0].startswith("fedswarm swarm: error: --device cuda: no CUDA GPU is usable here")
+    assert lines[0].endswith("use --device cpu")
+
+
+def test_unknown_device_is_one_line():
+    proc = _swarm("serve", "--registry", "127.0.0.1:9", "--model", "tiny", "--blocks", "0:2", "--device", "tpu")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "fedswarm swarm: error: --device 'tpu': expected one of auto, cpu, cuda"
+    ]
 
 
 def test_tls_key_without_certificate_is_one_line(tmp_path):

@@ -15,7 +15,9 @@ from fedswarm.server.swarm.adapter import adapter_id, merge_adapter
 from fedswarm.server.swarm.blocks import block_bytes, load_span
 from fedswarm.server.swarm.registry import RegistryTable
 from fedswarm.server.swarm.sessions import SessionLimitError, SessionTable
+from fedswarm.server.swarm.throughput import measure_throughput
 
+CUDA = torch.cuda.is_available()
 IDS = torch.tensor([[504, 3575, 282, 4649, 314, 7042, 30, 198]])
 
 
@@ -90,6 +92,46 @@ def test_two_spans_equal_the_whole_model_with_and_without_cache():
         ]
         cached = model.lm_head(model.model.norm(torch.cat(parts, dim=1)))
     assert (cached - reference).abs().max() < 1e-4
+
+
+def test_cpu_span_keeps_weights_and_caches_on_the_cpu():
+    span = load_span(parse_model("tiny"), 0, 2, "cpu")
+    cache = span.new_cache(0, 2, 1, 4)
+    assert span.device.type == "cpu" and cache.keys.device.type == "cpu" and cache.values.device.type == "cpu"
+    assert all(t.device.type == "cpu" for t in span.rotary.buffers())
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (none on this machine)")
+def test_cuda_spans_match_the_local_model_with_and_without_cache(tmp_path):
+    spec = parse_model("tiny")
+    model = load_model(spec)
+    head, tail = load_span(spec, 0, 3, "cuda"), load_span(spec, 3, 4, "cuda")
+    assert head.device.type == "cuda" and all(t.device.type == "cuda" for t in head.rotary.buffers())
+    with torch.no_grad():
+        reference = model(IDS).logits
+        embeds = model.model.embed_tokens(IDS)  # on the CPU, as hidden states arrive over the wire
+        hidden = tail.forward(head.forward(embeds, 0, 3), 3, 4)
+        assert hidden.device.type == "cpu" and hidden.dtype == embeds.dtype
+        assert (model.lm_head(model.model.norm(hidden)) - reference).abs().max() < 1e-3
+        caches = (head.new_cache(0, 3, 1, 8), tail.new_cache(3, 4, 1, 8))
+        assert all(c.keys.device.type == "cuda" and c.values.device.type == "cuda" for c in caches)
+        parts = [
+            tail.forward(head.forward(embeds[:, a:b], 0, 3, caches[0]), 3, 4, caches[1])
+            for a, b in [(0, 3), (3, 6), (6, 7), (7, 8)]
+        ]
+        cached = model.lm_head(model.model.norm(torch.cat(parts, dim=1)))
+        assert (cached - reference).abs().max() < 1e-3
+        # bf16 on the wire: the span computes in its own dtype and answers in the caller's
+        half = head.forward(embeds.to(torch.bfloat16), 0, 3)
+        assert half.dtype == torch.bfloat16 and half.device.type == "cpu"
+    # an adapter merges into weights already on the GPU
+    folder = _random_adapter(tmp_path / "adapter")
+    cpu_span, gpu_span = load_span(spec, 0, 4), load_span(spec, 0, 4, "cuda")
+    merge_adapter(cpu_span, folder)
+    merge_adapter(gpu_span, folder)
+    x = torch.randn(1, 5, 64)
+    assert (gpu_span.forward(x, 0, 4) - cpu_span.forward(x, 0, 4)).abs().max() < 1e-3
+    assert measure_throughput(gpu_span, steps=2) > 0
 
 
 def test_sub_span_of_a_server_matches_its_full_span():

@@ -58,7 +58,8 @@ def test_inference_stream_matches_stateless_forward(server):
     streamed = torch.cat([from_proto(r.hidden) for r in replies], dim=1)
     assert [r.length for r in replies] == [3, 5]
     request = swarm_pb2.ForwardRequest(protocol_version=PROTOCOL_VERSION, start=0, end=4, hidden=to_proto(x))
-    assert torch.allclose(streamed, from_proto(stub.Forward(request).hidden), atol=1e-5)
+    # sdpa's causal and explicit-mask paths round differently: up to ~5e-5 on outputs of magnitude ~10
+    assert torch.allclose(streamed, from_proto(stub.Forward(request).hidden), atol=1e-4)
     time.sleep(0.2)
     assert sessions.used_bytes == 0  # the cache is released when the stream ends
 

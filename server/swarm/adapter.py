@@ -69,7 +69,7 @@ def merge_adapter(span: SpanModel, folder: Path) -> str:
                     f"--adapter {folder}: block {layer} {module} delta has shape {tuple(delta.shape)}, "
                     f"the model's weight {tuple(target.weight.shape)} (adapter of another model?)"
                 )
-            target.weight += delta.to(target.weight.dtype)
+            target.weight += delta.to(device=target.weight.device, dtype=target.weight.dtype)
     return adapter_id(folder)
 
 

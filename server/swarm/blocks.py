@@ -2,7 +2,8 @@
 
 A :class:`SpanModel` is what a block server holds: blocks ``start..end-1`` of the model and
 the rotary table, nothing else. Its layers are indexed locally (0..n-1) so a session's cache
-has exactly one slot per hosted block.
+has exactly one slot per hosted block. Weights and caches live on the span's device (CPU or
+CUDA); hidden states come and go on the caller's device (CPU for the wire).
 """
 
 from __future__ import annotations
@@ -31,12 +32,14 @@ class SpanCache:
     method of transformers' ``Cache`` the attention layers call: :meth:`update`.
     """
 
-    def __init__(self, n_layers: int, batch: int, kv_heads: int, head_dim: int, max_length: int, dtype: Any) -> None:
+    def __init__(
+        self, n_layers: int, batch: int, kv_heads: int, head_dim: int, max_length: int, dtype: Any, device: Any = "cpu"
+    ) -> None:
         import torch
 
         shape = (n_layers, batch, kv_heads, max_length, head_dim)
-        self.keys = torch.zeros(shape, dtype=dtype)
-        self.values = torch.zeros(shape, dtype=dtype)
+        self.keys = torch.zeros(shape, dtype=dtype, device=device)
+        self.values = torch.zeros(shape, dtype=dtype, device=device)
         self.length = 0  # tokens committed
         self.max_length = max_length
 
@@ -71,6 +74,16 @@ class SpanModel:
     def dtype(self) -> torch.dtype:
         return next(self.layers.parameters()).dtype
 
+    @property
+    def device(self) -> torch.device:
+        return next(self.layers.parameters()).device
+
+    def to(self, device: Any) -> SpanModel:
+        """Move the span's weights and rotary table to ``device`` (in place); returns the span."""
+        self.layers.to(device)
+        self.rotary.to(device)
+        return self
+
     def param_bytes(self) -> int:
         """Bytes of every tensor this span holds (parameters and buffers)."""
         tensors = [*self.layers.parameters(), *self.layers.buffers(), *self.rotary.buffers()]
@@ -79,7 +92,7 @@ class SpanModel:
     def new_cache(self, start: int, end: int, batch: int, max_length: int) -> SpanCache:
         cfg = self.config
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        return SpanCache(end - start, batch, cfg.num_key_value_heads, head_dim, max_length, self.dtype)
+        return SpanCache(end - start, batch, cfg.num_key_value_heads, head_dim, max_length, self.dtype, self.device)
 
     def cache_bytes(self, start: int, end: int, batch: int, max_length: int) -> int:
         cfg = self.config
@@ -92,17 +105,19 @@ class SpanModel:
 
         Without a cache the sequence starts at position 0 (stateless ``Forward``); with one it
         continues after the ``cache.length`` tokens the cache holds, and commits the new ones.
+        Compute runs on the span's device; the result comes back on ``hidden``'s device and dtype.
         """
         import torch
 
+        device = self.device
         past = cache.length if cache is not None else 0
         new = hidden.shape[1]
-        positions = torch.arange(past, past + new).unsqueeze(0).expand(hidden.shape[0], -1)
+        positions = torch.arange(past, past + new, device=device).unsqueeze(0).expand(hidden.shape[0], -1)
         mask = None
         if past > 0 and new > 1:  # sdpa's is_causal aligns top-left; spell the mask out
-            rows = torch.arange(new).unsqueeze(1) + past
-            mask = (torch.arange(past + new).unsqueeze(0) <= rows)[None, None]
-        x = hidden.to(self.dtype)
+            rows = torch.arange(new, device=device).unsqueeze(1) + past
+            mask = (torch.arange(past + new, device=device).unsqueeze(0) <= rows)[None, None]
+        x = hidden.to(device=device, dtype=self.dtype)
         with torch.inference_mode():
             embeddings = self.rotary(x, positions)
             for i in range(start - self.start, end - self.start):
@@ -118,11 +133,11 @@ class SpanModel:
                 )
         if cache is not None:
             cache.length += new
-        return x.to(hidden.dtype)
+        return x.to(device=hidden.device, dtype=hidden.dtype)
 
 
-def load_span(spec: ModelSpec, start: int, end: int) -> SpanModel:
-    """Build blocks ``start..end-1`` of ``spec`` and load only their weights."""
+def load_span(spec: ModelSpec, start: int, end: int, device: str = "cpu") -> SpanModel:
+    """Build blocks ``start..end-1`` of ``spec`` on ``device`` ("cpu" or "cuda") and load only their weights."""
     import torch
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
 
@@ -141,12 +156,13 @@ def load_span(spec: ModelSpec, start: int, end: int) -> SpanModel:
         state = {}
         for name, tensor in read_tensors(model_folder(spec), lambda n: _in_span(n, start, end)):
             index, rest = _LAYER_KEY.match(name).groups()  # type: ignore[union-attr]
-            state[f"{int(index) - start}.{rest}"] = tensor.to(torch.float32)
+            state[f"{int(index) - start}.{rest}"] = tensor.to(device=device, dtype=torch.float32)
         layers.load_state_dict(state, strict=True, assign=True)
     for i, layer in enumerate(layers):
         layer.self_attn.layer_idx = i
     layers.eval()
-    return SpanModel(config=config, layers=layers, rotary=LlamaRotaryEmbedding(config), start=start, end=end)
+    span = SpanModel(config=config, layers=layers, rotary=LlamaRotaryEmbedding(config), start=start, end=end)
+    return span.to(device)
 
 
 def block_bytes(spec: ModelSpec, start: int, end: int) -> int:

@@ -1,7 +1,8 @@
 """The block server's RPC handlers: thin checks around :class:`SpanModel`.
 
 Compute is serialised by one lock: on a CPU server concurrent requests would only fight
-over the same cores, and one-at-a-time keeps each step's latency predictable.
+over the same cores, and one-at-a-time keeps each step's latency predictable. Hidden states
+arrive on the CPU; the span computes on its device and answers on the CPU, ready to encode.
 """
 
 from __future__ import annotations
@@ -118,7 +119,7 @@ class BlockServicer(swarm_pb2_grpc.BlockServerServicer):
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"hidden states of shape {tuple(hidden.shape)}, expected [batch, tokens>0, {self.span.hidden_size}]",
             )
-        return hidden  # the span casts to its own dtype and answers in the caller's
+        return hidden  # the span moves it to its device and dtype, and answers on the CPU in the caller's dtype
 
 
 def _check_version(version: int, context: Any) -> None:

@@ -23,6 +23,7 @@ class ServeOptions:
     host: str = _opt("127.0.0.1", "interface to listen on")
     port: int = _opt(0, "port to listen on; 0 picks a free one")
     public_host: str = _opt("", "host name clients should dial; empty: --host")
+    device: str = _opt("auto", "where the span's weights and KV caches live: auto (cuda when usable), cpu, cuda")
     threads: int = _opt(0, "torch threads; 0 leaves torch's default")
     throughput: float = _opt(0.0, "block-tokens/s to announce; 0 measures it at start")
     ttl: float = _opt(15.0, "registry entry lifetime in seconds, refreshed every ttl/3")

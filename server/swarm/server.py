@@ -35,11 +35,12 @@ def parse_blocks(value: str) -> tuple[int, int]:
     return start, end
 
 
-def start_server(cfg: ServeConfig, security: Security) -> tuple[Any, Any, swarm_pb2.ServerInfo]:
-    """Load, measure, listen and announce; returns the gRPC server, its announcer and its info."""
+def start_server(cfg: ServeConfig, security: Security) -> tuple[Any, Any, swarm_pb2.ServerInfo, str]:
+    """Load, measure, listen and announce; returns the gRPC server, its announcer, its info and its device."""
     import grpc
     import torch
 
+    from fedswarm.common.device import resolve_device
     from fedswarm.server.swarm.adapter import merge_adapter
     from fedswarm.server.swarm.announcer import Announcer
     from fedswarm.server.swarm.blocks import load_span, num_blocks
@@ -48,9 +49,10 @@ def start_server(cfg: ServeConfig, security: Security) -> tuple[Any, Any, swarm_
     from fedswarm.server.swarm.throughput import measure_throughput
 
     opts = cfg.options
+    device = resolve_device(opts.device)  # a one-line error before anything loads
     if opts.threads > 0:
         torch.set_num_threads(opts.threads)
-    span = load_span(cfg.spec, cfg.start, cfg.end)
+    span = load_span(cfg.spec, cfg.start, cfg.end, device)
     adapter = merge_adapter(span, cfg.adapter) if cfg.adapter is not None else ""
     throughput = opts.throughput or measure_throughput(span)
     sessions = SessionTable(int(opts.cache_mb * 2**20), opts.session_idle)
@@ -73,17 +75,18 @@ def start_server(cfg: ServeConfig, security: Security) -> tuple[Any, Any, swarm_
     announcer = Announcer(cfg.registries, info, opts.ttl, security)
     announcer.start()
     log.info(
-        "serving blocks %d:%d of %s on %s: %.1f MiB of weights, %.0f block-tokens/s, adapter %s, peak RSS %.0f MiB",
-        cfg.start, cfg.end, cfg.spec.model_id, info.address, span.param_bytes() / 2**20, throughput,
+        "serving blocks %d:%d of %s on %s (device %s): %.1f MiB of weights, %.0f block-tokens/s, adapter %s, "
+        "peak RSS %.0f MiB",
+        cfg.start, cfg.end, cfg.spec.model_id, info.address, span.device, span.param_bytes() / 2**20, throughput,
         adapter or "none", peak_rss_mb(),
     )  # fmt: skip
-    return server, announcer, info
+    return server, announcer, info, device
 
 
 def run_server(cfg: ServeConfig, security: Security) -> int:
     """``fedswarm swarm serve``: serve until SIGTERM/SIGINT, then withdraw from the registries."""
-    server, announcer, info = start_server(cfg, security)
-    print(f"server ready on {info.address} blocks {info.start}:{info.end}", flush=True)
+    server, announcer, info, device = start_server(cfg, security)
+    print(f"server ready on {info.address} blocks {info.start}:{info.end} device {device}", flush=True)
     done = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: done.set())
     try:

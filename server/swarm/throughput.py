@@ -20,6 +20,8 @@ def measure_throughput(span: SpanModel, steps: int = 8) -> float:
     """Block-tokens per second of one-token decoding (blocks × tokens / second)."""
     import torch
 
+    # Inputs start on the CPU, as they arrive over the wire: the timing includes the copies to and
+    # from a GPU span, and copying the result back waits for the device, so the clock is honest.
     cache = span.new_cache(span.start, span.end, 1, CONTEXT_TOKENS + WARMUP_STEPS + steps)
     with torch.inference_mode():
         span.forward(torch.randn(1, CONTEXT_TOKENS, span.hidden_size), span.start, span.end, cache)
