@@ -131,21 +131,21 @@ def simulated(root: Path, args: argparse.Namespace) -> list[dict]:
     return overheads(root / "simulated" / "metrics.jsonl")
 
 
-def process_start_seconds() -> float:
-    """A fresh interpreter importing what a ClientApp process imports before it can train."""
-    code = "import fedswarm.client.trainer.app, torch, transformers, peft, flwr.clientapp"
-    started = time.perf_counter()
-    subprocess.run([sys.executable, "-c", code], check=True)
-    return time.perf_counter() - started
-
-
-def model_load_seconds(model: str) -> float:
+def where_time_goes(model: str) -> dict[str, float]:
+    """What a fresh ClientApp process pays before it trains: interpreter, imports, model (seconds)."""
     code = (
-        "import time, fedswarm.client.trainer.runtime as r; t = time.perf_counter(); "
-        f"r.lora_model({model!r}, 8, 16.0, 0, 'cpu', ''); print(time.perf_counter() - t)"
+        "import time; t0 = time.perf_counter()\n"
+        "import torch, transformers, peft, flwr.clientapp, fedswarm.client.trainer.app\n"
+        "import fedswarm.client.trainer.runtime as r\n"
+        "t1 = time.perf_counter()\n"
+        f"r.lora_model({model!r}, 8, 16.0, 0, 'cpu', '')\n"
+        "print(t1 - t0, time.perf_counter() - t1)"
     )
+    started = time.perf_counter()
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
-    return float(out.split()[-1])
+    total = time.perf_counter() - started
+    imports, load = (float(x) for x in out.split()[-2:])
+    return {"interpreter": total - imports - load, "imports": imports, "model": load, "total": total}
 
 
 def table(name: str, rows: list[dict]) -> None:
@@ -172,7 +172,7 @@ def main() -> None:
         (root / "sim").mkdir()
         dep = deployed(root / "dep", args)
         sim = simulated(root / "sim", args)
-    spawn, load = process_start_seconds(), model_load_seconds(args.model)
+    cost = where_time_goes(args.model)
     table("deployment (TLS + node auth, SuperNodes on 127.0.0.1)", dep)
     table("simulation (Ray)", sim)
     d = statistics.mean(r["overhead"] for r in dep)
@@ -181,7 +181,11 @@ def main() -> None:
     dt = statistics.mean(r["train_overhead"] for r in dep)
     st = statistics.mean(r["train_overhead"] for r in sim)
     print(f"training phase only:     deployment {dt:.1f} s, simulation {st:.1f} s")
-    print(f"a fresh ClientApp process importing its stack: {spawn:.1f} s; loading the {args.model} model: {load:.2f} s")
+    print(
+        f"a fresh ClientApp process before it can train: {cost['total']:.1f} s = interpreter "
+        f"{cost['interpreter']:.1f} + imports (torch, transformers, peft, flwr) {cost['imports']:.1f} + "
+        f"{args.model} model with LoRA {cost['model']:.2f}"
+    )
     print("(deployment: Flower starts one flwr-clientapp process per message, so each round pays both, per node;")
     print(" simulation: Ray actors live through the run and keep the model loaded)")
     print(f"load average after: {os.getloadavg()[0]:.1f}")

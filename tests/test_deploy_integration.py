@@ -170,8 +170,11 @@ def test_unregistered_node_is_refused(deployment):
     assert "BEGIN CERTIFICATE" in pem
 
 
+DP = ("--dp", "--noise-multiplier", "1.0", "--dp-seed", "1")  # seeded noise: a resumed run can equal this one
+
+
 def test_two_rounds_over_tls_with_node_auth(deployment):
-    done = deployment.run(*deployment.run_args("full"))
+    done = deployment.run(*deployment.run_args("full", *DP))
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "$ flwr run" in done.stdout and "completed" in done.stdout
     rows = deployment.metrics("full")
@@ -180,6 +183,7 @@ def test_two_rounds_over_tls_with_node_auth(deployment):
         assert row["clients"] == NODES and row["failures"] == 0 and row["rejected"] == 0
         assert row["train_loss"] > 0 and row["bytes_up"] > 0
     assert rows[2]["eval_loss"] < rows[0]["eval_loss"]
+    assert 0 < rows[1]["epsilon_max"] < rows[2]["epsilon_max"]  # each node's epsilon accumulates
     full = deployment.runs / "full"
     assert (full / "adapter" / "adapter_model.safetensors").is_file()
     assert (full / "checkpoints" / "round-002" / "state.json").is_file()
@@ -189,7 +193,7 @@ def test_two_rounds_over_tls_with_node_auth(deployment):
 
 
 def test_coordinator_stopped_after_round_one_resumes_round_two(deployment):
-    runner = deployment.start("run-interrupted", *deployment.run_args("interrupted"))
+    runner = deployment.start("run-interrupted", *deployment.run_args("interrupted", *DP))
     deadline = time.monotonic() + 300
     while not any(r["round"] == 1 for r in deployment.metrics("interrupted")):
         assert time.monotonic() < deadline and runner.poll() is None, deployment.log("run-interrupted")[-3000:]
@@ -214,7 +218,11 @@ def test_coordinator_stopped_after_round_one_resumes_round_two(deployment):
     diff = max(float((a[k] - b[k]).abs().max()) for k in a)
     print(f"resumed vs uninterrupted: max |adapter difference| = {diff:.3e}")
     assert diff < 1e-5
-    assert abs(rows[2]["eval_loss"] - deployment.metrics("full")[2]["eval_loss"]) < 1e-4
+    full = deployment.metrics("full")
+    assert abs(rows[2]["eval_loss"] - full[2]["eval_loss"]) < 1e-4
+    # privacy accounting went on from the checkpoint's per-node histories (the nodes' own state was per run)
+    assert rows[2]["epsilon_max"] == pytest.approx(full[2]["epsilon_max"], rel=1e-9)
+    assert rows[2]["epsilon_max"] > rows[1]["epsilon_max"]
 
 
 def test_node_killed_during_a_round_leaves_the_round_to_the_others(deployment):
