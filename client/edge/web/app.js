@@ -42,9 +42,17 @@ async function load(variant) {
   const device = await pickDevice();
   setStatus(`loading ${variant} (dtype ${dtype}) on ${device}…`);
   tokenizer ??= await AutoTokenizer.from_pretrained(modelId);
-  model = await AutoModelForCausalLM.from_pretrained(modelId, { dtype, device });
-  Object.assign(state, { device, dtype, variant, ready: true, error: null });
-  setStatus(`${variant} on ${device}`);
+  let used = device;
+  try {
+    model = await AutoModelForCausalLM.from_pretrained(modelId, { dtype, device });
+  } catch (err) {
+    if (device !== "webgpu" || params.get("device")) throw err;
+    console.warn(`WebGPU failed (${err?.message ?? err}); falling back to wasm`);
+    used = "wasm";
+    model = await AutoModelForCausalLM.from_pretrained(modelId, { dtype, device: used });
+  }
+  Object.assign(state, { device: used, dtype, variant, ready: true, error: null });
+  setStatus(`${variant} on ${used}`);
 }
 
 // Greedy generation through the library's own loop; returns the prompt and new token ids.
