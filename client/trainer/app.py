@@ -6,7 +6,7 @@ leave the node; the base model is loaded once per process and reused across roun
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -50,6 +50,8 @@ def _prepare(msg: Message, context: Context) -> Prepared:
     device = resolve_device(cfg.device)
     check_quantize_base(cfg.quantize_base, device)
     shard = shard_for(context.node_config, cfg)
+    if shard.partition_id < 0:  # a deployed node: its own batch-order and DP-noise seed stream
+        shard = replace(shard, partition_id=int(context.node_id) % 1_000_003)
     rank = node_rank(cfg, context.node_config, shard.partition_id)
     model, tokenizer = lora_model(cfg.model, rank, cfg.lora_alpha, cfg.seed, device, cfg.quantize_base)
     prepare_adapter(model, cfg, msg.content["arrays"].to_torch_state_dict(), rank)
