@@ -112,5 +112,8 @@ def _shutdown_ray() -> None:
 def _run_config_arg(cfg: FederationConfig) -> str:
     parts = []
     for key, value in cfg.to_run_config().items():
-        parts.append(f'{key}="{value}"' if isinstance(value, str) else f"{key}={value}")
+        if isinstance(value, bool):
+            parts.append(f"{key}={str(value).lower()}")  # TOML booleans
+        else:
+            parts.append(f'{key}="{value}"' if isinstance(value, str) else f"{key}={value}")
     return " ".join(parts)
