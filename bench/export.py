@@ -33,6 +33,7 @@ def main() -> None:
     parser.add_argument("--decode-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--parity-samples", type=int, default=16)
+    parser.add_argument("--parity-decode-steps", type=int, default=8, help="cached decode steps per parity text")
     args = parser.parse_args()
 
     import torch
@@ -41,10 +42,12 @@ def main() -> None:
     root = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="bench-export-"))
     adapter = Path(args.adapter) if args.adapter else train_adapter(root / "run", args.train_steps)
     edge = root / "edge"
+    from fedswarm.client.edge import parity as parity_module
     from fedswarm.client.edge.export import export
     from fedswarm.client.edge.merge import resolve_adapter, resolve_model
     from fedswarm.client.edge.variants import DEFAULT_QUANT
 
+    parity_module.DECODE_STEPS = args.parity_decode_steps  # q4's HQQ kernels are slow on x86: fewer steps
     run = resolve_adapter(str(adapter))
     spec = resolve_model(None, run)
     t0 = time.perf_counter()
