@@ -11,11 +11,19 @@ import urllib.request
 
 import pytest
 
+from tests.edge_support import ANSWER_TOKENS, tiny_run
+
 pytestmark = pytest.mark.integration
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-MESSAGES = [{"role": "user", "content": "Is this sarcasm: I just love waiting in line for hours."}]
-NEW_TOKENS = 12
+MESSAGES = [
+    {
+        "role": "system",
+        "content": "Respond with only a 1 or 0 to signify if the user's message includes sarcasm, or not",
+    },
+    {"role": "user", "content": "I just love waiting in line for hours."},
+]
+NEW_TOKENS = ANSWER_TOKENS
 CHROMIUM_FLAGS = [
     "--headless",
     "--no-sandbox",
@@ -35,8 +43,10 @@ def q4_edge(tmp_path_factory):
 
     missing = [name for name in VENDOR_FILES if vendor_source(name) is None]
     assert not missing, f"web runtime missing ({missing}): run bash scripts/install_web.sh"
-    out = tmp_path_factory.mktemp("browser") / "edge"
-    cmd = [sys.executable, "-m", "fedswarm.common.cli", "export", "--adapter", "none", "--model", "tiny"]
+    root = tmp_path_factory.mktemp("browser")
+    adapter = tiny_run(root / "run")  # decisive replies: kernel-level float differences cannot flip them
+    out = root / "edge"
+    cmd = [sys.executable, "-m", "fedswarm.common.cli", "export", "--adapter", str(adapter)]
     cmd += ["--out", str(out), "--quant", "q4", "--min-agreement", "0", "--parity-samples", "2"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -74,6 +84,7 @@ def test_page_generates_onnxruntimes_greedy_tokens(q4_edge, tmp_path):
     assert page["promptIds"] == list(prompt), "transformers.js rendered the chat template differently"
     want = OrtCausalLM(q4_edge / "onnx" / "model_q4.onnx").greedy(prompt, NEW_TOKENS, tokenizer.eos_token_id)
     assert page["newIds"] == want
+    assert page["text"] == tokenizer.decode(want, skip_special_tokens=True)
 
 
 async def _run_page(browser: subprocess.Popen, url: str) -> dict:
