@@ -30,7 +30,7 @@ class FederationConfig:
     data: str = _opt("sarcasm", "data: sarcasm, diabetes, or a .jsonl/.csv file")
     clients: int = _opt(4, "number of (virtual) client nodes")
     rounds: int = _opt(3, "federated rounds")
-    local_steps: int = _opt(16, "optimizer steps per client per round")
+    local_steps: int = _opt(12, "optimizer steps per client per round")
     batch_size: int = _opt(8, "examples per local step")
     learning_rate: float = _opt(2e-3, "AdamW learning rate")
     lora_rank: int = _opt(8, "LoRA rank r")
