@@ -225,6 +225,16 @@ def test_coordinator_stopped_after_round_one_resumes_round_two(deployment):
     assert rows[2]["epsilon_max"] > rows[1]["epsilon_max"]
 
 
+def _cmdline(proc) -> str:
+    """A process's command line, or "" once it has exited (it may turn zombie at any moment)."""
+    import psutil
+
+    try:
+        return " ".join(proc.cmdline())
+    except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
+        return ""
+
+
 def test_node_killed_during_a_round_leaves_the_round_to_the_others(deployment):
     import psutil
 
@@ -233,7 +243,7 @@ def test_node_killed_during_a_round_leaves_the_round_to_the_others(deployment):
     )
     victim = deployment.nodes[2]
     deadline = time.monotonic() + 200
-    while not any("flwr-clientapp" in " ".join(p.cmdline()) for p in _tree(victim.pid)[1:] if p.is_running()):
+    while not any("flwr-clientapp" in _cmdline(p) for p in _tree(victim.pid)[1:]):
         assert time.monotonic() < deadline and runner.poll() is None, deployment.log("run-dropout")[-3000:]
         time.sleep(0.2)
     for p in _tree(victim.pid):  # training has started on node 2: kill it, SuperNode and all
