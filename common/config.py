@@ -18,7 +18,8 @@ T = TypeVar("T")
 FLOWER_KEYS = {"rounds": "num-server-rounds"}
 
 
-def _opt(default: Any, help: str) -> Any:
+def option(default: Any, help: str) -> Any:
+    """A dataclass field that ``add_arguments`` turns into a documented ``--kebab-case`` option."""
     return field(default=default, metadata={"help": help})
 
 
@@ -26,48 +27,48 @@ def _opt(default: Any, help: str) -> Any:
 class FederationConfig:
     """Everything a federated run needs; units in each help text."""
 
-    model: str = _opt("smollm2-135m", "base model: smollm2-135m, tiny, or a local HF folder")
-    data: str = _opt("sarcasm", "data: sarcasm, diabetes, or a .jsonl/.csv file")
-    clients: int = _opt(4, "number of (virtual) client nodes")
-    rounds: int = _opt(3, "federated rounds")
-    local_steps: int = _opt(12, "optimizer steps per client per round")
-    batch_size: int = _opt(8, "examples per local step")
-    learning_rate: float = _opt(2e-3, "AdamW learning rate")
-    lora_rank: int = _opt(8, "LoRA rank r")
-    lora_alpha: float = _opt(16.0, "LoRA alpha (scale = alpha / r)")
-    partition: str = _opt("iid", "iid or dirichlet:ALPHA (label skew)")
-    seed: int = _opt(0, "seed of the held-out split, partitions, adapter init and batch order")
-    eval_size: int = _opt(200, "held-out examples, never given to a client")
-    max_samples: int = _opt(0, "read at most this many records (0: all)")
-    max_seq_len: int = _opt(128, "tokens per example (prompt cut from the left)")
-    device: str = _opt("auto", "auto (CUDA when available), cpu or cuda: training, evaluation")
-    quantize_base: str = _opt("", "4bit: load the frozen base in 4 bits (QLoRA, bitsandbytes; CUDA only)")
-    precision: str = _opt("auto", "training autocast: auto (bf16 where the CPU has it natively), bf16, fp32")
-    aggregation: str = _opt(
+    model: str = option("smollm2-135m", "base model: smollm2-135m, tiny, or a local HF folder")
+    data: str = option("sarcasm", "data: sarcasm, diabetes, or a .jsonl/.csv file")
+    clients: int = option(4, "number of (virtual) client nodes")
+    rounds: int = option(3, "federated rounds")
+    local_steps: int = option(12, "optimizer steps per client per round")
+    batch_size: int = option(8, "examples per local step")
+    learning_rate: float = option(2e-3, "AdamW learning rate")
+    lora_rank: int = option(8, "LoRA rank r")
+    lora_alpha: float = option(16.0, "LoRA alpha (scale = alpha / r)")
+    partition: str = option("iid", "iid or dirichlet:ALPHA (label skew)")
+    seed: int = option(0, "seed of the held-out split, partitions, adapter init and batch order")
+    eval_size: int = option(200, "held-out examples, never given to a client")
+    max_samples: int = option(0, "read at most this many records (0: all)")
+    max_seq_len: int = option(128, "tokens per example (prompt cut from the left)")
+    device: str = option("auto", "auto (CUDA when available), cpu or cuda: training, evaluation")
+    quantize_base: str = option("", "4bit: load the frozen base in 4 bits (QLoRA, bitsandbytes; CUDA only)")
+    precision: str = option("auto", "training autocast: auto (bf16 where the CPU has it natively), bf16, fp32")
+    aggregation: str = option(
         "fedavg", "LoRA aggregation: fedavg (A, B averaged apart), ffa (A frozen), svd (product + SVD)"
     )
-    global_rank: int = _opt(0, "svd: rank of the global adapter (0: the largest client rank)")
-    client_ranks: str = _opt("", "simulation: LoRA rank per partition, e.g. 4,8,16 (cycled); default --lora-rank")
-    dp: bool = _opt(False, "train each client's LoRA with Opacus DP-SGD (Poisson sampling, per-sample clipping)")
-    noise_multiplier: float = _opt(0.0, "DP noise std / clipping norm (0: calibrate from --epsilon)")
-    epsilon: float = _opt(0.0, "DP budget per node: calibrate noise for it over all rounds; nodes stop at it")
-    delta: float = _opt(1e-5, "DP delta")
-    max_grad_norm: float = _opt(1.0, "DP per-sample L2 clipping bound")
-    dp_seed: int = _opt(-1, "seed of the DP noise (tests); -1: OS randomness")
-    central_dp: bool = _opt(False, "server-side fixed-clipping DP on client updates (Flower's wrapper)")
-    central_noise: float = _opt(1.0, "central DP noise multiplier")
-    central_clip: float = _opt(1.0, "central DP clipping norm of each client's update")
-    fraction_evaluate: float = _opt(0.0, "share of nodes running federated evaluation each round")
-    min_clients: int = _opt(0, "replies a round needs to go on (0: all of --clients); others may drop out")
-    round_timeout: float = _opt(3600.0, "seconds a round waits for replies; late nodes count as failures")
-    max_update_norm: float = _opt(0.0, "reject an update farther than this (L2) from the sent adapter (0: off)")
-    resume: str = _opt("", "continue the run in this folder from its last completed round's checkpoint")
-    cpus_per_client: float = _opt(1.0, "CPU cores reserved per virtual client (Ray); torch threads per client")
-    gpus_per_client: float = _opt(
+    global_rank: int = option(0, "svd: rank of the global adapter (0: the largest client rank)")
+    client_ranks: str = option("", "simulation: LoRA rank per partition, e.g. 4,8,16 (cycled); default --lora-rank")
+    dp: bool = option(False, "train each client's LoRA with Opacus DP-SGD (Poisson sampling, per-sample clipping)")
+    noise_multiplier: float = option(0.0, "DP noise std / clipping norm (0: calibrate from --epsilon)")
+    epsilon: float = option(0.0, "DP budget per node: calibrate noise for it over all rounds; nodes stop at it")
+    delta: float = option(1e-5, "DP delta")
+    max_grad_norm: float = option(1.0, "DP per-sample L2 clipping bound")
+    dp_seed: int = option(-1, "seed of the DP noise (tests); -1: OS randomness")
+    central_dp: bool = option(False, "server-side fixed-clipping DP on client updates (Flower's wrapper)")
+    central_noise: float = option(1.0, "central DP noise multiplier")
+    central_clip: float = option(1.0, "central DP clipping norm of each client's update")
+    fraction_evaluate: float = option(0.0, "share of nodes running federated evaluation each round")
+    min_clients: int = option(0, "replies a round needs to go on (0: all of --clients); others may drop out")
+    round_timeout: float = option(3600.0, "seconds a round waits for replies; late nodes count as failures")
+    max_update_norm: float = option(0.0, "reject an update farther than this (L2) from the sent adapter (0: off)")
+    resume: str = option("", "continue the run in this folder from its last completed round's checkpoint")
+    cpus_per_client: float = option(1.0, "CPU cores reserved per virtual client (Ray); torch threads per client")
+    gpus_per_client: float = option(
         -1.0, "GPUs per virtual client (Ray; 0.25: four share a GPU); -1: 0.25 with CUDA, else 0"
     )
-    ray_address: str = _opt("", "run on an existing Ray cluster (HOST:PORT of its head); default: a local Ray")
-    out: str = _opt("", "run folder (default runs/run-DATE-TIME): metrics.jsonl, checkpoints, adapter/")
+    ray_address: str = option("", "run on an existing Ray cluster (HOST:PORT of its head); default: a local Ray")
+    out: str = option("", "run folder (default runs/run-DATE-TIME): metrics.jsonl, checkpoints, adapter/")
 
     def __post_init__(self) -> None:
         positive = ("clients", "rounds", "local_steps", "batch_size", "lora_rank", "eval_size", "max_seq_len")
