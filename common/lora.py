@@ -9,7 +9,6 @@ from typing import TYPE_CHECKING
 from fedswarm.common.paths import atomic_dir
 
 if TYPE_CHECKING:
-    import numpy as np
     import torch
     from peft import PeftModel
     from transformers import PreTrainedModel
@@ -74,16 +73,6 @@ def _param_name(state_key: str, adapter: str) -> str:
     # PEFT drops ".<adapter>" from saved keys: "...lora_A.weight" <- "...lora_A.default.weight"
     head, _, tail = state_key.rpartition(".")
     return f"{head}.{adapter}.{tail}"
-
-
-def to_numpy(state: Mapping[str, torch.Tensor]) -> dict[str, np.ndarray]:
-    return {k: v.detach().cpu().float().numpy() for k, v in state.items()}
-
-
-def from_numpy(arrays: Mapping[str, np.ndarray]) -> dict[str, torch.Tensor]:
-    import torch
-
-    return {k: torch.from_numpy(v.copy()) for k, v in arrays.items()}
 
 
 def save_adapter(model: PeftModel, state: Mapping[str, torch.Tensor], folder: Path) -> None:

@@ -115,10 +115,6 @@ def load_model(
     return model
 
 
-def model_device(model: torch.nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
 def _smollm2() -> Path:
     from fedswarm.common.gguf_convert import smollm2_folder
 

@@ -7,7 +7,6 @@ state). Replies that declined (DP budget) carry no arrays and are set apart.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -111,7 +110,3 @@ def aggregation_residual(
         client_of(r, cfg.lora_alpha, fixed_a if cfg.aggregation == "ffa" else None) for r in replies
     ]
     return residual(clients, new_state, cfg.lora_alpha / cfg.server_rank())
-
-
-def dumps(data: dict[str, Any]) -> str:
-    return json.dumps(data)
