@@ -11,14 +11,22 @@ import argparse
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fedswarm.client.edge.merge import RunInfo
 from fedswarm.client.edge.variants import DEFAULT_QUANT, QUANT_MIN_AGREEMENT, parse_quant
 from fedswarm.common.errors import FedswarmError
 from fedswarm.common.model import ModelSpec
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    from fedswarm.client.edge.gptq import QuantizedLinear
+    from fedswarm.client.edge.quantize import Calibrate, Recipe
+
 log = logging.getLogger(__name__)
+
+CALIBRATION_SAMPLES = 128
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -42,6 +50,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--parity-samples", type=int, default=16, help="held-out texts for the parity check")
     parser.add_argument("--parity-max-len", type=int, default=96, help="tokens per parity text")
+    parser.add_argument(
+        "--calibration-samples",
+        type=int,
+        default=CALIBRATION_SAMPLES,
+        help="training texts GPTQ calibrates the 4-bit variants on (never the parity texts)",
+    )
     parser.add_argument("--threads", type=int, default=0, help="torch/onnxruntime threads (0: their default)")
     parser.set_defaults(handler=run)
 
@@ -52,7 +66,11 @@ def run(args: argparse.Namespace) -> int:
     variants = parse_quant(args.quant)  # validate every input before anything is loaded or written
     if not 0.0 <= args.min_agreement <= 1.0:
         raise FedswarmError(f"--min-agreement must be within [0, 1], got {args.min_agreement}")
-    for flag, value in (("--parity-samples", args.parity_samples), ("--parity-max-len", args.parity_max_len)):
+    for flag, value in (
+        ("--parity-samples", args.parity_samples),
+        ("--parity-max-len", args.parity_max_len),
+        ("--calibration-samples", args.calibration_samples),
+    ):
         if value < 2:
             raise FedswarmError(f"{flag} must be >= 2, got {value}")
     run_info = resolve_adapter(args.adapter)
@@ -60,7 +78,10 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out).expanduser()
     if out.exists() and not out.is_dir():
         raise FedswarmError(f"--out {args.out!r}: exists and is not a folder")
-    export(spec, run_info, out, variants, args.min_agreement, args.parity_samples, args.parity_max_len, args.threads)
+    export(
+        spec, run_info, out, variants, args.min_agreement, args.parity_samples, args.parity_max_len, args.threads,
+        args.calibration_samples,
+    )  # fmt: skip
     print(f"edge export written to {out} (parity.json, README.md, onnx/, web/); serve it: fedswarm serve-web {out}")
     return 0
 
@@ -74,6 +95,7 @@ def export(
     parity_samples: int,
     parity_max_len: int,
     threads: int = 0,
+    calibration_samples: int = CALIBRATION_SAMPLES,
 ) -> dict[str, Any]:
     """Build EDGE_DIR atomically; returns the parity report. Raises FedswarmError when parity fails."""
     import torch
@@ -93,13 +115,14 @@ def export(
         torch.set_num_threads(threads)
     tokenizer = load_tokenizer(spec)
     model = merged_model(spec, run_info)
+    calibrate = _gptq_calibration(model, tokenizer, run_info, calibration_samples, parity_max_len)
     with atomic_dir(out) as tmp:
         onnx_dir = tmp / "onnx"
         files = {"fp32": export_fp32(model, onnx_dir / FILES["fp32"])}
         for variant in variants:
             if variant != "fp32":
                 log.info("Quantising: %s", variant)
-                files[variant] = quantize_variant(variant, files["fp32"], onnx_dir / FILES[variant], files)
+                files[variant] = quantize_variant(variant, files["fp32"], onnx_dir / FILES[variant], files, calibrate)
         files = {v: files[v] for v in variants}
         write_model_files(tmp, model, tokenizer)
         texts = held_out_texts(tokenizer, run_info, parity_samples, parity_max_len)
@@ -114,3 +137,23 @@ def export(
         (tmp / "README.md").write_text(model_card(spec.name, run_info, parity), encoding="utf-8")
         write_web(tmp, variants)
     return report
+
+
+def _gptq_calibration(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, run_info: RunInfo, samples: int, max_len: int
+) -> Calibrate:
+    """GPTQ codes for a recipe, computed once per layer plan on the run's training texts (q4 and q4f16 share)."""
+    from fedswarm.client.edge.gptq import gptq_model
+    from fedswarm.client.edge.parity import training_texts
+
+    done: dict[tuple, dict[str, QuantizedLinear]] = {}
+
+    def calibrate(recipe: Recipe) -> dict[str, QuantizedLinear]:
+        key = (recipe.bits, recipe.block, recipe.eight_bit_layers)
+        if key not in done:
+            texts = training_texts(tokenizer, run_info, samples, max_len)
+            log.info("GPTQ: calibrating on %d training texts (%d tokens)", len(texts), sum(map(len, texts)))
+            done[key] = gptq_model(model, texts, recipe.layer_plan)
+        return done[key]
+
+    return calibrate

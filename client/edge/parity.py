@@ -80,6 +80,17 @@ def held_out_texts(tokenizer: PreTrainedTokenizerBase, run: RunInfo, samples: in
     The split is the one the federation never trained on, so quantisation error is measured
     where the adapter generalises, not where it memorised.
     """
+    return _run_texts(tokenizer, run, samples, max_len, held_out=True)
+
+
+def training_texts(tokenizer: PreTrainedTokenizerBase, run: RunInfo, samples: int, max_len: int) -> list[list[int]]:
+    """Token ids of training examples of the run's data: calibration text that never overlaps the parity texts."""
+    return _run_texts(tokenizer, run, samples, max_len, held_out=False)
+
+
+def _run_texts(
+    tokenizer: PreTrainedTokenizerBase, run: RunInfo, samples: int, max_len: int, held_out: bool
+) -> list[list[int]]:
     from fedswarm.common.batches import encode
     from fedswarm.common.data import DEFAULT_DATA, load_examples
     from fedswarm.common.splits import holdout_split
@@ -88,7 +99,7 @@ def held_out_texts(tokenizer: PreTrainedTokenizerBase, run: RunInfo, samples: in
     records = load_examples(str(cfg.get("data") or DEFAULT_DATA), int(cfg.get("max_samples") or 0))
     eval_size = min(int(cfg.get("eval_size") or 200), max(1, len(records) - 2))
     split = holdout_split(len(records), eval_size, int(cfg.get("seed") or 0))
-    picked = split.holdout[:samples]
+    picked = (split.holdout if held_out else split.train)[:samples]
     return [list(encode(tokenizer, records[int(i)], max_len).input_ids) for i in picked]
 
 

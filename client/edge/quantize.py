@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -26,6 +27,8 @@ import numpy as np
 
 if TYPE_CHECKING:
     import onnx
+
+    from fedswarm.client.edge.gptq import QuantizedLinear
 
 log = logging.getLogger(__name__)
 
@@ -41,9 +44,20 @@ class Recipe:
     embed_bits: int  # the shared embedding / tied head
     embed_block: int
     accuracy_level: int  # 4: activations quantised to int8 per block on the fly (x86's fast path); 0: float compute
-    method: str = "rtn"  # "rtn": symmetric round-to-nearest; "hqq": half-quadratic (asymmetric, float zero points)
+    method: str = "rtn"  # "rtn": round-to-nearest; "gptq": calibrated (see gptq.py); "hqq": half-quadratic
     eight_bit_layers: tuple[str, ...] = ()  # name fragments kept at 8 bits in a 4-bit model
     fp16: bool = False  # then weights, scales and compute in fp16, graph inputs/outputs kept float32
+
+    def layer_plan(self, name: str, shape: tuple[int, int]) -> tuple[int, int] | None:
+        """(bits, block) for the linear layer ``name`` of weight shape [out, in]; None where no block fits."""
+        eight = self.bits != 8 and any(part in name for part in self.eight_bit_layers)
+        bits, block = (8, 64) if eight else (self.bits, self.block)
+        block = fitting_block(shape[1], block)
+        return (bits, block) if block else None
+
+
+# recipe -> GPTQ codes and scales of the PyTorch model's linear layers (module name -> QuantizedLinear)
+Calibrate = Callable[[Recipe], "dict[str, QuantizedLinear]"]
 
 
 # Measured on SmolLM2-135M (next-token agreement with the merged PyTorch model, held-out text):
@@ -63,10 +77,13 @@ RECIPES = {
 }
 
 
-def quantize_variant(variant: str, fp32: Path, target: Path, done: dict[str, Path] | None = None) -> Path:
+def quantize_variant(
+    variant: str, fp32: Path, target: Path, done: dict[str, Path] | None = None, calibrate: Calibrate | None = None
+) -> Path:
     """Write ``variant`` of the fp32 model at ``fp32`` to ``target``.
 
-    ``done`` (variant -> file already written) lets q4f16 start from q4 instead of quantising again.
+    ``done`` (variant -> file already written) lets q4f16 start from q4 instead of quantising again;
+    ``calibrate`` gives GPTQ recipes their codes (required for them).
     """
     import onnx
 
@@ -81,6 +98,12 @@ def quantize_variant(variant: str, fp32: Path, target: Path, done: dict[str, Pat
     model = onnx.load(fp32)
     # first, so that the head's MatMul is claimed before the MatMul quantiser sees it
     quantize_tied_embedding(model, recipe.embed_bits, recipe.embed_block, recipe.accuracy_level)
+    if recipe.method == "gptq":
+        if calibrate is None:
+            raise ValueError(f"variant {variant!r} is GPTQ-quantised: it needs the PyTorch model and calibration text")
+        replaced = apply_quantized(model, calibrate(recipe), recipe.accuracy_level)
+        log.info("%s: %d linear layers from GPTQ", variant, replaced)
+    # round-to-nearest for every MatMul with a constant weight still left (all of them, without GPTQ)
     names = [n.name for n in model.graph.node if n.op_type == "MatMul"]
     keep8 = [n for n in names if any(part in n for part in recipe.eight_bit_layers)] if recipe.bits != 8 else []
     model = _matmul_nbits(model, recipe.bits, recipe.block, recipe.accuracy_level, keep8, recipe.method)
@@ -256,13 +279,72 @@ def quantize_blockwise(weight: np.ndarray, bits: int, block_size: int) -> tuple[
     qmax = 2 ** (bits - 1) - 1
     scales = np.abs(blocks).max(axis=2) / qmax
     scales[scales == 0] = 1.0
-    q = np.clip(np.rint(blocks / scales[..., None]), -qmax, qmax).astype(np.int16) + 2 ** (bits - 1)
-    q = q.reshape(rows, cols).astype(np.uint8)
+    codes = np.clip(np.rint(blocks / scales[..., None]), -qmax, qmax).reshape(rows, cols)
+    return pack_codes(codes, bits), scales.astype(np.float32)
+
+
+def pack_codes(codes: np.ndarray, bits: int) -> np.ndarray:
+    """Signed codes [rows, cols] -> the bytes MatMulNBits reads: offset by 2^(bits-1), 4-bit pairs low nibble first."""
+    if bits not in (4, 8):
+        raise ValueError(f"bits must be 4 or 8, got {bits}")
+    q = (codes.astype(np.int16) + 2 ** (bits - 1)).astype(np.uint8)
     if bits == 4:
         q = (q[:, 0::2] | (q[:, 1::2] << 4)).astype(np.uint8)
-    elif bits != 8:
-        raise ValueError(f"bits must be 4 or 8, got {bits}")
-    return np.ascontiguousarray(q), scales.astype(np.float32)
+    return np.ascontiguousarray(q)
+
+
+def apply_quantized(model: onnx.ModelProto, quantized: dict[str, QuantizedLinear], accuracy_level: int) -> int:
+    """Replace each MatMul whose weight is a layer in ``quantized`` by MatMulNBits with those codes and scales.
+
+    optimum names a linear layer's node after its module (``/model/layers.0/mlp/up_proj/MatMul``
+    for ``model.layers.0.mlp.up_proj``); the weight initializer must be that layer's [in, out].
+    Returns how many nodes were replaced.
+    """
+    import onnx
+    from onnx import helper, numpy_helper
+
+    graph = model.graph
+    inits = {init.name: init for init in graph.initializer}
+    nodes = list(graph.node)
+    replaced = 0
+    for at, node in enumerate(nodes):
+        if node.op_type != "MatMul" or node.input[1] not in inits:
+            continue
+        module = node.name.strip("/").rsplit("/", 1)[0].replace("/", ".")
+        layer = quantized.get(module)
+        if layer is None:
+            continue
+        out_features, in_features = layer.codes.shape
+        shape = tuple(inits[node.input[1]].dims)
+        if shape != (in_features, out_features):
+            raise ValueError(
+                f"{node.name}: weight {shape} does not match {module}'s quantised [{in_features}, {out_features}]"
+            )
+        blocks = in_features // layer.block
+        packed = pack_codes(layer.codes, layer.bits).reshape(out_features, blocks, layer.block * layer.bits // 8)
+        q_name, s_name = f"{module}.weight_q{layer.bits}", f"{module}.weight_scales"
+        graph.initializer.extend(
+            [numpy_helper.from_array(packed, q_name), numpy_helper.from_array(layer.scales, s_name)]
+        )
+        nodes[at] = helper.make_node(
+            "MatMulNBits",
+            [node.input[0], q_name, s_name],
+            list(node.output),
+            name=f"{node.name}_q{layer.bits}",
+            domain=MS_DOMAIN,
+            K=in_features,
+            N=out_features,
+            bits=layer.bits,
+            block_size=layer.block,
+            accuracy_level=accuracy_level,
+        )
+        replaced += 1
+    del graph.node[:]
+    graph.node.extend(nodes)
+    _drop_unused(graph)
+    if replaced and not any(op.domain == MS_DOMAIN for op in model.opset_import):
+        model.opset_import.append(onnx.helper.make_opsetid(MS_DOMAIN, 1))
+    return replaced
 
 
 def _perm(node: onnx.NodeProto) -> list[int] | None:
