@@ -49,7 +49,9 @@ def centralised(args: argparse.Namespace) -> tuple[float, float]:
     train = [records[i] for i in holdout_split(len(records), cfg.eval_size, cfg.seed).train]
     steps = args.clients * args.rounds * args.local_steps
     model, tokenizer = evaluator.model, evaluator.tokenizer
-    train_lora(model, tokenizer, train, steps, cfg.batch_size, cfg.learning_rate, cfg.max_seq_len, seed=0)
+    train_lora(
+        model, tokenizer, train, steps, cfg.batch_size, cfg.learning_rate, cfg.max_seq_len, 0, cfg.precision
+    )  # the precision the federated clients resolve too (fp32 on CPUs without native bf16)
 
     after = evaluate(evaluator.model, evaluator.tokenizer, evaluator.holdout, cfg.max_seq_len).accuracy
     return float(before or 0.0), float(after or 0.0)

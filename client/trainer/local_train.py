@@ -35,7 +35,7 @@ def train_lora(
     learning_rate: float,
     max_seq_len: int,
     seed: int,
-    precision: str = "bf16",
+    precision: str = "auto",
 ) -> TrainResult:
     """Train the adapter for ``steps`` steps on batches drawn (seeded) from ``examples``."""
     import torch
