@@ -32,7 +32,8 @@ def main() -> None:
     )
     parser.add_argument("--decode-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--parity-samples", type=int, default=16)
+    parser.add_argument("--parity-samples", type=int, default=64, help="held-out texts (64: ~3300 positions)")
+    parser.add_argument("--calibration-samples", type=int, default=128, help="training texts for GPTQ")
     parser.add_argument("--parity-decode-steps", type=int, default=8, help="cached decode steps per parity text")
     args = parser.parse_args()
 
@@ -47,11 +48,11 @@ def main() -> None:
     from fedswarm.client.edge.merge import resolve_adapter, resolve_model
     from fedswarm.client.edge.variants import DEFAULT_QUANT
 
-    parity_module.DECODE_STEPS = args.parity_decode_steps  # q4's HQQ kernels are slow on x86: fewer steps
+    parity_module.DECODE_STEPS = args.parity_decode_steps
     run = resolve_adapter(str(adapter))
     spec = resolve_model(None, run)
     t0 = time.perf_counter()
-    export(spec, run, edge, DEFAULT_QUANT, 0.0, args.parity_samples, 96, args.threads)
+    export(spec, run, edge, DEFAULT_QUANT, 0.0, args.parity_samples, 96, args.threads, args.calibration_samples)
     export_s = time.perf_counter() - t0
     parity = json.loads((edge / "parity.json").read_text())
     torch.set_num_threads(args.latency_threads)

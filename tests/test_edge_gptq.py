@@ -60,7 +60,7 @@ def test_gptq_codes_run_in_onnxruntime_as_the_dequantised_torch_model(tmp_path):
 
     from fedswarm.client.edge.gptq import gptq_model
     from fedswarm.client.edge.onnx_export import export_fp32
-    from fedswarm.client.edge.quantize import Recipe, apply_quantized
+    from fedswarm.client.edge.quantize import Recipe, apply_quantized, quantize_tied_embedding
     from fedswarm.client.edge.runtime import OrtCausalLM
     from fedswarm.common.model import load_model
 
@@ -72,20 +72,23 @@ def test_gptq_codes_run_in_onnxruntime_as_the_dequantised_torch_model(tmp_path):
     quantized = gptq_model(model, texts, recipe.layer_plan)
     assert all(torch.equal(before[n], p) for n, p in model.state_dict().items())  # the model is left as it was
     linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"]
-    assert sorted(quantized) == sorted(linears)
+    assert sorted(quantized) == sorted([*linears, "lm_head"])
     assert {q.bits for n, q in quantized.items() if "down_proj" in n} == {8}
-    assert {q.bits for n, q in quantized.items() if "down_proj" not in n} == {4}
+    assert {q.bits for n, q in quantized.items() if "_proj" in n and "down_proj" not in n} == {4}
+    assert (quantized["lm_head"].bits, quantized["lm_head"].block) == (8, 64)  # the tied head as the embedding
 
     fp32 = export_fp32(model, tmp_path / "model.onnx")
     graph = onnx.load(fp32)
+    assert quantize_tied_embedding(graph, 8, 64, accuracy_level=0, codes=quantized["lm_head"])
     assert apply_quantized(graph, quantized, accuracy_level=0) == len(linears)
-    assert not [n for n in graph.graph.node if n.op_type == "MatMul" and "_proj" in n.name]
+    assert [n.op_type for n in graph.graph.node].count("MatMul") == 2 * 4 + 1  # attention products, rotary
     onnx.save(graph, tmp_path / "model_gptq.onnx")
 
-    reference = load_model("tiny")
+    reference = load_model("tiny")  # embedding and head tied: one weight takes the head's codes
     modules = dict(reference.named_modules())
     for name, q in quantized.items():
         modules[name].weight.data = torch.from_numpy(q.dequantize())
+    assert reference.get_input_embeddings().weight.data_ptr() == reference.lm_head.weight.data_ptr()
     ids = texts[0][:16]
     with torch.no_grad():
         want = reference(torch.tensor([ids])).logits[0].numpy()

@@ -66,7 +66,7 @@ def _parity_table(parity: Parity) -> list[str]:
         "## Files and parity",
         "",
         f"Each variant against the merged PyTorch model on {parity.texts} held-out texts "
-        f"({parity.positions} next-token predictions; PyTorch perplexity {parity.reference_perplexity:.3f}). "
+        f"({parity.positions} distinct next-token predictions; PyTorch perplexity {parity.reference_perplexity:.3f}). "
         "Figures also in `parity.json`.",
         "",
         "| variant | file | size (MB) | × fp32 | next-token agreement | max logit error | mean logit error "

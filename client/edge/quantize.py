@@ -52,6 +52,8 @@ class Recipe:
         """(bits, block) for the linear layer ``name`` of weight shape [out, in]; None where no block fits."""
         eight = self.bits != 8 and any(part in name for part in self.eight_bit_layers)
         bits, block = (8, 64) if eight else (self.bits, self.block)
+        if name.split(".")[-1] == "lm_head":  # tied to the embedding: quantised as the embedding is
+            bits, block = self.embed_bits, self.embed_block
         block = fitting_block(shape[1], block)
         return (bits, block) if block else None
 
@@ -69,9 +71,11 @@ Calibrate = Callable[[Recipe], "dict[str, QuantizedLinear]"]
 #   model but 0.17 with a trained adapter (it erased the adapter: perplexity fell back to the
 #   base model's) and float zero points take a 30x slower path in onnxruntime's CPU kernels.
 # - the tied embedding/head writes the logits: at 4 bits it alone costs ~0.2 of agreement, at 8 ~0.02.
-_Q4 = Recipe(bits=4, block=32, embed_bits=8, embed_block=64, accuracy_level=4, eight_bit_layers=("v_proj", "down_proj"))
+_Q4 = Recipe(
+    bits=4, block=32, embed_bits=8, embed_block=64, accuracy_level=4, method="gptq", eight_bit_layers=("v_proj", "down_proj")
+)
 RECIPES = {
-    "int8": Recipe(bits=8, block=64, embed_bits=8, embed_block=64, accuracy_level=4),
+    "int8": Recipe(bits=8, block=64, embed_bits=8, embed_block=64, accuracy_level=4, method="gptq"),
     "q4": _Q4,
     "q4f16": dataclasses.replace(_Q4, fp16=True),
 }
@@ -96,13 +100,17 @@ def quantize_variant(
             _save(_to_fp16(onnx.load(path)), target)
             return target
     model = onnx.load(fp32)
-    # first, so that the head's MatMul is claimed before the MatMul quantiser sees it
-    quantize_tied_embedding(model, recipe.embed_bits, recipe.embed_block, recipe.accuracy_level)
+    gptq: dict[str, QuantizedLinear] = {}
     if recipe.method == "gptq":
         if calibrate is None:
             raise ValueError(f"variant {variant!r} is GPTQ-quantised: it needs the PyTorch model and calibration text")
-        replaced = apply_quantized(model, calibrate(recipe), recipe.accuracy_level)
-        log.info("%s: %d linear layers from GPTQ", variant, replaced)
+        gptq = calibrate(recipe)
+    # first, so that the head's MatMul is claimed before the MatMul quantiser sees it
+    head = gptq.get("lm_head")
+    quantize_tied_embedding(model, recipe.embed_bits, recipe.embed_block, recipe.accuracy_level, head)
+    if gptq:
+        replaced = apply_quantized(model, gptq, recipe.accuracy_level)
+        log.info("%s: %d linear layers from GPTQ%s", variant, replaced, " and the tied head" if head else "")
     # round-to-nearest for every MatMul with a constant weight still left (all of them, without GPTQ)
     names = [n.name for n in model.graph.node if n.op_type == "MatMul"]
     keep8 = [n for n in names if any(part in n for part in recipe.eight_bit_layers)] if recipe.bits != 8 else []
@@ -144,9 +152,12 @@ def _to_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
     return convert_float_to_float16(model, keep_io_types=True, disable_shape_infer=True)
 
 
-def quantize_tied_embedding(model: onnx.ModelProto, bits: int, block_size: int, accuracy_level: int = 4) -> bool:
+def quantize_tied_embedding(
+    model: onnx.ModelProto, bits: int, block_size: int, accuracy_level: int = 4, codes: QuantizedLinear | None = None
+) -> bool:
     """Replace the fp32 embedding Gather and the tied head MatMul by one shared block-quantised matrix.
 
+    ``codes`` (e.g. GPTQ's for the head) are used as given; else the matrix is rounded to nearest.
     Returns False (model untouched) where the graph has no such pair, e.g. an untied head.
     """
     import onnx
@@ -171,7 +182,15 @@ def quantize_tied_embedding(model: onnx.ModelProto, bits: int, block_size: int, 
     block_size = fitting_block(hidden, block_size)
     if block_size == 0:
         return False
-    packed, scales = quantize_blockwise(weight, bits, block_size)
+    if codes is None:
+        packed, scales = quantize_blockwise(weight, bits, block_size)
+    elif (codes.codes.shape, codes.bits, codes.block) != (weight.shape, bits, block_size):
+        raise ValueError(
+            f"head codes {codes.codes.shape} at {codes.bits} bits, blocks of {codes.block} do not fit the "
+            f"embedding {weight.shape} at {bits} bits, blocks of {block_size}"
+        )
+    else:
+        packed, scales = pack_codes(codes.codes, bits), codes.scales
     blocks = hidden // block_size
     q_name, s_name, shape_name = f"{weight_name}_q{bits}", f"{weight_name}_scales", f"{weight_name}_q{bits}_shape"
     graph.initializer.extend(
