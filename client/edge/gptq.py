@@ -39,30 +39,17 @@ CLIP_GRID = tuple(1.0 - 0.025 * k for k in range(13))  # block scale candidates:
 
 @dataclass(frozen=True)
 class QuantizedLinear:
-    """One linear layer's weight [out, in] as integer codes and per-block scales.
-
-    Blocks of ``block`` input columns, the last one shorter (``tail``) where ``in`` is not a
-    multiple of ``block``: 576 = 2 x 256 + 64, so wide blocks fit widths that are not powers of two.
-    """
+    """One linear layer's weight [out, in] as integer codes and per-block scales."""
 
     codes: np.ndarray  # int8 [out, in], in [-2^(bits-1), 2^(bits-1) - 1]
-    scales: np.ndarray  # float32 [out, number of blocks]
+    scales: np.ndarray  # float32 [out, in // block]
     bits: int
     block: int
 
-    @property
-    def tail(self) -> int:
-        """Width of the last, shorter block (0: every block is full)."""
-        return self.codes.shape[1] % self.block
-
     def dequantize(self) -> np.ndarray:
-        widths = np.array(block_widths(self.codes.shape[1], self.block))
-        return self.codes.astype(np.float32) * np.repeat(self.scales, widths, axis=1)
-
-
-def block_widths(cols: int, block: int) -> list[int]:
-    """[block, block, ..., tail]: the blocks of ``cols`` input columns."""
-    return [block] * (cols // block) + ([cols % block] if cols % block else [])
+        out, cols = self.codes.shape
+        blocks = self.codes.reshape(out, cols // self.block, self.block).astype(np.float32)
+        return (blocks * self.scales[..., None]).reshape(out, cols)
 
 
 # (module name, weight shape [out, in]) -> (bits, block) for layers to quantise, None to leave alone
@@ -72,12 +59,12 @@ Plan = Callable[[str, tuple[int, int]], "tuple[int, int] | None"]
 def gptq_linear(
     weight: torch.Tensor, hessian: torch.Tensor, bits: int, block: int, damp: float = DAMP
 ) -> QuantizedLinear:
-    """Quantise ``weight`` [out, in] given the Hessian [in, in] of its inputs, in blocks of ``block`` (+ a tail)."""
+    """Quantise ``weight`` [out, in] given the Hessian [in, in] of its inputs; ``in`` must divide into blocks."""
     import torch
 
     rows, cols = weight.shape
-    widths = block_widths(cols, block)
-    starts = dict(zip(np.cumsum([0, *widths[:-1]]).tolist(), range(len(widths)), strict=True))
+    if cols % block:
+        raise ValueError(f"{cols} input columns do not divide into blocks of {block}")
     lazy = max(block, LAZY // block * block)
     w = weight.detach().to(torch.float64).clone()
     h = hessian.detach().to(torch.float64).clone()
@@ -89,8 +76,7 @@ def gptq_linear(
     hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
     qmax = 2 ** (bits - 1) - 1
     codes = torch.zeros(rows, cols, dtype=torch.int8)
-    scales = torch.zeros(rows, len(widths), dtype=torch.float64)
-    group = 0
+    scales = torch.zeros(rows, cols // block, dtype=torch.float64)
     for start in range(0, cols, lazy):
         end = min(start + lazy, cols)
         chunk = w[:, start:end].clone()
@@ -98,10 +84,9 @@ def gptq_linear(
         hchunk = hinv[start:end, start:end]
         for i in range(end - start):
             col = start + i
-            if col in starts:  # the block's scale from its weights as updated so far
-                group = starts[col]
-                scales[:, group] = _block_scale(chunk[:, i : i + widths[group]], qmax)
-            scale = scales[:, group]
+            if col % block == 0:  # the block's scale from its weights as updated so far
+                scales[:, col // block] = _block_scale(chunk[:, i : i + block], qmax)
+            scale = scales[:, col // block]
             q = torch.clamp(torch.round(chunk[:, i] / scale), -qmax - 1, qmax)
             codes[:, col] = q.to(torch.int8)
             err = (chunk[:, i] - q * scale) / hchunk[i, i]

@@ -52,12 +52,9 @@ class Recipe:
         """(bits, block) for the linear layer ``name`` of weight shape [out, in]; None where no block fits."""
         eight = self.bits != 8 and any(part in name for part in self.eight_bit_layers)
         bits, block = (8, 64) if eight else (self.bits, self.block)
-        width, tail = shape[1], shape[1] % block
-        if name.split(".")[-1] == "lm_head":  # tied to the embedding: quantised as the embedding is, no tail
-            bits, block, tail = self.embed_bits, self.embed_block, 0
-        elif width > block and tail and fitting_block(tail, tail) == tail:
-            return bits, block  # full blocks and one shorter tail block (see QuantizedLinear)
-        block = fitting_block(width, block)
+        if name.split(".")[-1] == "lm_head":  # tied to the embedding: quantised as the embedding is
+            bits, block = self.embed_bits, self.embed_block
+        block = fitting_block(shape[1], block)
         return (bits, block) if block else None
 
 
@@ -75,16 +72,10 @@ Calibrate = Callable[[Recipe], "dict[str, QuantizedLinear]"]
 #   base model's) and float zero points take a 30x slower path in onnxruntime's CPU kernels.
 # - the tied embedding/head writes the logits: at 4 bits it alone costs ~0.2 of agreement, at 8 ~0.02.
 _Q4 = Recipe(
-    bits=4,
-    block=32,
-    embed_bits=8,
-    embed_block=64,
-    accuracy_level=4,
-    method="gptq",
-    eight_bit_layers=("v_proj", "down_proj"),
+    bits=4, block=32, embed_bits=8, embed_block=64, accuracy_level=4, method="gptq", eight_bit_layers=("v_proj", "down_proj")
 )
 RECIPES = {
-    "int8": Recipe(bits=8, block=256, embed_bits=8, embed_block=64, accuracy_level=4, method="gptq"),
+    "int8": Recipe(bits=8, block=64, embed_bits=8, embed_block=64, accuracy_level=4, method="gptq"),
     "q4": _Q4,
     "q4f16": dataclasses.replace(_Q4, fp16=True),
 }
@@ -329,12 +320,13 @@ def apply_quantized(model: onnx.ModelProto, quantized: dict[str, QuantizedLinear
     Returns how many nodes were replaced.
     """
     import onnx
+    from onnx import helper, numpy_helper
 
     graph = model.graph
     inits = {init.name: init for init in graph.initializer}
-    nodes: list[onnx.NodeProto | list[onnx.NodeProto]] = list(graph.node)
+    nodes = list(graph.node)
     replaced = 0
-    for at, node in enumerate(list(graph.node)):
+    for at, node in enumerate(nodes):
         if node.op_type != "MatMul" or node.input[1] not in inits:
             continue
         module = node.name.strip("/").rsplit("/", 1)[0].replace("/", ".")
@@ -347,80 +339,31 @@ def apply_quantized(model: onnx.ModelProto, quantized: dict[str, QuantizedLinear
             raise ValueError(
                 f"{node.name}: weight {shape} does not match {module}'s quantised [{in_features}, {out_features}]"
             )
-        nodes[at] = _nbits_nodes(graph, node, module, layer, accuracy_level)
+        blocks = in_features // layer.block
+        packed = pack_codes(layer.codes, layer.bits).reshape(out_features, blocks, layer.block * layer.bits // 8)
+        q_name, s_name = f"{module}.weight_q{layer.bits}", f"{module}.weight_scales"
+        graph.initializer.extend(
+            [numpy_helper.from_array(packed, q_name), numpy_helper.from_array(layer.scales, s_name)]
+        )
+        nodes[at] = helper.make_node(
+            "MatMulNBits",
+            [node.input[0], q_name, s_name],
+            list(node.output),
+            name=f"{node.name}_q{layer.bits}",
+            domain=MS_DOMAIN,
+            K=in_features,
+            N=out_features,
+            bits=layer.bits,
+            block_size=layer.block,
+            accuracy_level=accuracy_level,
+        )
         replaced += 1
     del graph.node[:]
-    graph.node.extend(n for item in nodes for n in (item if isinstance(item, list) else [item]))
+    graph.node.extend(nodes)
     _drop_unused(graph)
     if replaced and not any(op.domain == MS_DOMAIN for op in model.opset_import):
         model.opset_import.append(onnx.helper.make_opsetid(MS_DOMAIN, 1))
     return replaced
-
-
-def _nbits_nodes(
-    graph: onnx.GraphProto, node: onnx.NodeProto, module: str, layer: QuantizedLinear, accuracy_level: int
-) -> list[onnx.NodeProto]:
-    """MatMulNBits computing ``node`` from ``layer``'s codes; with a tail block, two of them on slices of the input.
-
-    MatMulNBits takes one power-of-two block size per node: 576 inputs in blocks of 256
-    become columns 0-511 (blocks of 256) and 512-575 (one block of 64), their outputs added.
-    """
-    from onnx import helper, numpy_helper
-
-    out_features, in_features = layer.codes.shape
-    tail = layer.tail
-    if tail and fitting_block(tail, tail) != tail:
-        raise ValueError(f"{module}: a tail block of {tail} columns; MatMulNBits needs a power of two >= 16")
-    full = in_features - tail
-    parts = [(0, full, layer.block)] + ([(full, in_features, tail)] if tail else [])
-    prefix = f"{node.name}_q{layer.bits}"
-    made: list[onnx.NodeProto] = []
-    outputs = []
-    for index, (begin, end, block) in enumerate(parts):
-        codes = layer.codes[:, begin:end]
-        first = begin // layer.block
-        scales = layer.scales[:, first : first + (end - begin) // block]
-        packed = pack_codes(codes, layer.bits).reshape(out_features, (end - begin) // block, block * layer.bits // 8)
-        name = f"{module}.weight_q{layer.bits}" + (f"_part{index}" if tail else "")
-        graph.initializer.extend(
-            [
-                numpy_helper.from_array(packed, name),
-                numpy_helper.from_array(np.ascontiguousarray(scales), f"{name}_scales"),
-            ]
-        )
-        source = node.input[0]
-        if tail:  # this part's input columns
-            source = f"{prefix}/part{index}/input"
-            made += [
-                _const(f"{source}/begin", np.array([begin], np.int64)),
-                _const(f"{source}/end", np.array([end], np.int64)),
-                _const(f"{source}/axis", np.array([-1], np.int64)),
-                helper.make_node(
-                    "Slice",
-                    [node.input[0], f"{source}/begin", f"{source}/end", f"{source}/axis"],
-                    [source],
-                    name=source,
-                ),
-            ]
-        output = node.output[0] if not tail else f"{prefix}/part{index}/output"
-        outputs.append(output)
-        made.append(
-            helper.make_node(
-                "MatMulNBits",
-                [source, name, f"{name}_scales"],
-                [output],
-                name=f"{prefix}/part{index}" if tail else prefix,
-                domain=MS_DOMAIN,
-                K=end - begin,
-                N=out_features,
-                bits=layer.bits,
-                block_size=block,
-                accuracy_level=accuracy_level,
-            )
-        )
-    if tail:
-        made.append(helper.make_node("Add", outputs, [node.output[0]], name=f"{prefix}/add"))
-    return made
 
 
 def _perm(node: onnx.NodeProto) -> list[int] | None:
