@@ -54,7 +54,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--calibration-samples",
         type=int,
         default=CALIBRATION_SAMPLES,
-        help="training texts GPTQ calibrates the 4-bit variants on (never the parity texts)",
+        help="training texts GPTQ calibrates the quantised variants on (never the parity texts)",
     )
     parser.add_argument("--threads", type=int, default=0, help="torch/onnxruntime threads (0: their default)")
     parser.set_defaults(handler=run)

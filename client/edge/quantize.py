@@ -1,4 +1,8 @@
-"""Quantised variants of the fp32 export: int8 (dynamic), q4 (MatMulNBits), q4f16.
+"""Quantised variants of the fp32 export: int8, q4 and q4f16, all as MatMulNBits (GPTQ codes).
+
+Every linear layer becomes onnxruntime's MatMulNBits (8 or 4 bits, symmetric blocks along
+the input), with codes from GPTQ on the run's training texts (:mod:`gptq`): it keeps the
+quantised model's outputs near the merged model's on that kind of text, adapter included.
 
 The tied embedding / LM head matrix is a fifth of SmolLM2's weights. optimum exports it
 as one fp32 initializer read twice: by a Gather (the embedding) and through a Transpose
@@ -37,14 +41,14 @@ MS_DOMAIN = "com.microsoft"
 
 @dataclass(frozen=True)
 class Recipe:
-    """How one variant is quantised (all weight-only blockwise, symmetric, round-to-nearest)."""
+    """How one variant is quantised: weight-only, blockwise along the input, symmetric."""
 
     bits: int  # MatMulNBits bits of the decoder's linear layers
     block: int  # along the input dimension
     embed_bits: int  # the shared embedding / tied head
     embed_block: int
     accuracy_level: int  # 4: activations quantised to int8 per block on the fly (x86's fast path); 0: float compute
-    method: str = "rtn"  # "rtn": round-to-nearest; "gptq": calibrated (see gptq.py); "hqq": half-quadratic
+    method: str = "rtn"  # "rtn": round-to-nearest; "gptq": calibrated codes (see gptq.py)
     eight_bit_layers: tuple[str, ...] = ()  # name fragments kept at 8 bits in a 4-bit model
     fp16: bool = False  # then weights, scales and compute in fp16, graph inputs/outputs kept float32
 
@@ -62,17 +66,28 @@ class Recipe:
 Calibrate = Callable[[Recipe], "dict[str, QuantizedLinear]"]
 
 
-# Measured on SmolLM2-135M (next-token agreement with the merged PyTorch model, held-out text):
+# Measured on SmolLM2-135M + a trained adapter (next-token agreement with the merged PyTorch model
+# over distinct held-out positions, 64 texts / 1351 positions; +-0.006):
 # - int8: onnxruntime's quantize_dynamic (int8 weights, uint8 activations per tensor) 0.67 on the
-#   base model, as activation outliers swamp a per-tensor range; MatMulNBits 8-bit weights in blocks
-#   of 64 with per-block int8 activations (accuracy level 4) 0.96, 3.7x faster than PyTorch eager.
-# - q4: symmetric round-to-nearest 4-bit blocks of 32: 0.72 with a trained adapter; keeping v_proj
-#   and down_proj (a third of the weights) at 8 bits: 0.82. HQQ 4-bit reached 0.98 on the base
-#   model but 0.17 with a trained adapter (it erased the adapter: perplexity fell back to the
-#   base model's) and float zero points take a 30x slower path in onnxruntime's CPU kernels.
-# - the tied embedding/head writes the logits: at 4 bits it alone costs ~0.2 of agreement, at 8 ~0.02.
+#   base model, as activation outliers swamp a per-tensor range. MatMulNBits 8-bit weights in blocks
+#   of 64 with per-block int8 activations (accuracy level 4, ~3x faster than PyTorch eager):
+#   round-to-nearest 0.956, GPTQ (head included) 0.965. Blocks of 256 (+ a 64 tail) would bring the
+#   file from 0.268 to 0.260 of fp32 but cost 3 points (0.935): the activations are quantised per
+#   block too. Float compute (accuracy level 0/1) keeps them but is ~25x slower for 8 bits on x86.
+# - q4 (4-bit blocks of 32, v_proj and down_proj at 8 bits as llama.cpp's Q4_K_M keeps them higher):
+#   round-to-nearest 0.83, GPTQ 0.92 (perplexity change -39% -> -1%: RTN erased much of the
+#   adapter). All layers at 4 bits with GPTQ: 0.89 at 0.18 of fp32. HQQ 4-bit reached 0.98 on the
+#   base model but 0.17 with a trained adapter (it pulls the adapter's small delta back to the
+#   base model's grid) and its float zero points take a 30x slower path in onnxruntime's CPU kernels.
+# - the tied embedding/head writes the logits: at 4 bits it alone costs ~0.2 of agreement, so it stays at 8.
 _Q4 = Recipe(
-    bits=4, block=32, embed_bits=8, embed_block=64, accuracy_level=4, method="gptq", eight_bit_layers=("v_proj", "down_proj")
+    bits=4,
+    block=32,
+    embed_bits=8,
+    embed_block=64,
+    accuracy_level=4,
+    method="gptq",
+    eight_bit_layers=("v_proj", "down_proj"),
 )
 RECIPES = {
     "int8": Recipe(bits=8, block=64, embed_bits=8, embed_block=64, accuracy_level=4, method="gptq"),
@@ -114,7 +129,7 @@ def quantize_variant(
     # round-to-nearest for every MatMul with a constant weight still left (all of them, without GPTQ)
     names = [n.name for n in model.graph.node if n.op_type == "MatMul"]
     keep8 = [n for n in names if any(part in n for part in recipe.eight_bit_layers)] if recipe.bits != 8 else []
-    model = _matmul_nbits(model, recipe.bits, recipe.block, recipe.accuracy_level, keep8, recipe.method)
+    model = _matmul_nbits(model, recipe.bits, recipe.block, recipe.accuracy_level, keep8)
     if keep8:
         model = _matmul_nbits(model, 8, 64, recipe.accuracy_level, exclude=[])
     if recipe.fp16:
@@ -124,22 +139,12 @@ def quantize_variant(
 
 
 def _matmul_nbits(
-    model: onnx.ModelProto, bits: int, block: int, accuracy_level: int, exclude: list[str], method: str = "rtn"
+    model: onnx.ModelProto, bits: int, block: int, accuracy_level: int, exclude: list[str]
 ) -> onnx.ModelProto:
-    """Every MatMul with a constant weight (but ``exclude``) -> MatMulNBits, blocks along the input."""
-    from onnxruntime.quantization.matmul_nbits_quantizer import (
-        DefaultWeightOnlyQuantConfig,
-        HQQWeightOnlyQuantConfig,
-        MatMulNBitsQuantizer,
-    )
+    """Every MatMul with a constant weight (but ``exclude``) -> MatMulNBits, symmetric round-to-nearest."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
 
-    config: DefaultWeightOnlyQuantConfig | HQQWeightOnlyQuantConfig
-    if method == "hqq":  # no accuracy level: MatMulNBits then computes in the activations' float type
-        config = HQQWeightOnlyQuantConfig(block_size=block, bits=bits)
-    else:
-        config = DefaultWeightOnlyQuantConfig(
-            block_size=block, is_symmetric=True, accuracy_level=accuracy_level, bits=bits
-        )
+    config = DefaultWeightOnlyQuantConfig(block_size=block, is_symmetric=True, accuracy_level=accuracy_level, bits=bits)
     quantizer = MatMulNBitsQuantizer(model, algo_config=config, nodes_to_exclude=exclude)
     quantizer.process()
     return quantizer.model.model
