@@ -1,10 +1,13 @@
-"""A real deployment on 127.0.0.1: a SuperLink with TLS and node authentication, three SuperNodes.
+"""A real deployment on 127.0.0.1: a SuperLink with TLS and node authentication, two SuperNodes.
 
 Everything goes through the ``fedswarm`` commands (certs, node-key, coordinator, node, run),
 which run Flower's own processes. One deployment serves the tests of this module, in order:
 an unregistered node is refused; two rounds complete; a coordinator stopped after round 1
 resumes round 2 from its checkpoint (compared with the uninterrupted run); a node killed
-during a round leaves a round that completes with the other two.
+during a round leaves a round that completes with the other one.
+
+Two nodes, not more: each Flower message starts a ClientApp process that imports torch,
+transformers and peft, and on a 2-core CI machine every extra one in parallel slows each round.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from tests.conftest import write_jsonl
 pytestmark = pytest.mark.integration
 
 FEDSWARM = [sys.executable, "-m", "fedswarm.common.cli"]
-NODES = 3
+NODES = 2
 
 
 def _records(start: int, count: int) -> list[dict]:
@@ -239,14 +242,14 @@ def test_node_killed_during_a_round_leaves_the_round_to_the_others(deployment):
     import psutil
 
     runner = deployment.start(
-        "run-dropout", *deployment.run_args("dropout", "--rounds", "1", "--min-clients", "2", "--round-timeout", "150")
+        "run-dropout", *deployment.run_args("dropout", "--rounds", "1", "--min-clients", "1", "--round-timeout", "150")
     )
-    victim = deployment.nodes[2]
+    victim = deployment.nodes[1]
     deadline = time.monotonic() + 200
     while not any("flwr-clientapp" in _cmdline(p) for p in _tree(victim.pid)[1:]):
         assert time.monotonic() < deadline and runner.poll() is None, deployment.log("run-dropout")[-3000:]
         time.sleep(0.2)
-    for p in _tree(victim.pid):  # training has started on node 2: kill it, SuperNode and all
+    for p in _tree(victim.pid):  # training has started on node 1: kill it, SuperNode and all
         try:
             p.kill()
         except psutil.NoSuchProcess:
@@ -254,5 +257,5 @@ def test_node_killed_during_a_round_leaves_the_round_to_the_others(deployment):
     assert runner.wait(timeout=300) == 0, deployment.log("run-dropout")[-3000:]
     rows = deployment.metrics("dropout")
     assert [r["round"] for r in rows] == [0, 1]
-    assert rows[1]["clients"] == 2 and rows[1]["failures"] == 1, rows[1]
+    assert rows[1]["clients"] == 1 and rows[1]["failures"] == 1, rows[1]
     assert rows[1]["failed_why"] and rows[1]["seconds"] > 0
