@@ -48,6 +48,9 @@ def test_parity_json_holds_the_figures(edge):
         assert isinstance(int8[key], (int, float))
     card = (edge / "README.md").read_text()
     assert "| int8 | `onnx/model_quantized.onnx` |" in card and "sarcasm" in card
+    how = parity["quantisation"]
+    assert set(how) == {"calibration", "int8"} and "GPTQ" in how["calibration"]
+    assert f"- int8: {how['int8']}" in card and how["int8"].startswith("8-bit weights in blocks of 64")
 
 
 @pytest.fixture(scope="module")

@@ -14,12 +14,16 @@ BASE_NAMES = {
 }
 
 
-def model_card(model_name: str, run: RunInfo, parity: Parity) -> str:
+def model_card(model_name: str, run: RunInfo, parity: Parity, quantisation: dict[str, str] | None = None) -> str:
     """The model card as Markdown; every figure comes from the run's summary or parity.json."""
     lines = [f"# {BASE_NAMES.get(model_name, model_name)}, federated LoRA merged, ONNX for the edge", ""]
     lines += _provenance(model_name, run)
     lines += ["", "## Privacy", "", _privacy(run), ""]
     lines += _parity_table(parity)
+    if quantisation:
+        lines += ["Quantisation (onnxruntime MatMulNBits):", ""]
+        lines += [f"- {name}: {text}" for name, text in quantisation.items()]
+        lines.append("")
     lines += _usage(parity)
     return "\n".join(lines) + "\n"
 

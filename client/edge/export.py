@@ -105,7 +105,7 @@ def export(
     from fedswarm.client.edge.merge import merged_model
     from fedswarm.client.edge.onnx_export import export_fp32
     from fedswarm.client.edge.parity import check_variants, held_out_texts
-    from fedswarm.client.edge.quantize import quantize_variant
+    from fedswarm.client.edge.quantize import describe, quantize_variant
     from fedswarm.client.edge.variants import FILES
     from fedswarm.client.edge.webpage import write_web
     from fedswarm.common.model import load_tokenizer
@@ -129,12 +129,19 @@ def export(
         log.info("Parity: %d variants on %d held-out texts", len(files), len(texts))
         parity = check_variants(model, files, texts, min_agreement, threads)
         report = parity.to_json()
+        quantised = [v for v in variants if v != "fp32"]
+        if quantised:
+            report["quantisation"] = {
+                "calibration": f"GPTQ on {calibration_samples} training texts of the run's data (not the parity texts)",
+                **{v: describe(v) for v in quantised},
+            }
         (tmp / "parity.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-        table = "\n".join(line for line in model_card(spec.name, run_info, parity).splitlines() if line.startswith("|"))
+        card = model_card(spec.name, run_info, parity, report.get("quantisation"))
+        table = "\n".join(line for line in card.splitlines() if line.startswith("|"))
         log.info("parity against PyTorch (%d held-out texts):\n%s", parity.texts, table)
         if not parity.passed:
             raise FedswarmError(f"parity check failed: {'; '.join(parity.failures())}; {out} not written")
-        (tmp / "README.md").write_text(model_card(spec.name, run_info, parity), encoding="utf-8")
+        (tmp / "README.md").write_text(card, encoding="utf-8")
         write_web(tmp, variants)
     return report
 

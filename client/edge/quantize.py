@@ -96,6 +96,17 @@ RECIPES = {
 }
 
 
+def describe(variant: str) -> str:
+    """One line on how ``variant`` is quantised, for the model card and parity.json."""
+    r = RECIPES[variant]
+    text = f"{r.bits}-bit weights in blocks of {r.block}"
+    if r.eight_bit_layers and r.bits != 8:
+        text += f" ({', '.join(r.eight_bit_layers)} at 8 bits)"
+    text += f", tied embedding/head {r.embed_bits}-bit in blocks of {r.embed_block}"
+    text += ", GPTQ codes" if r.method == "gptq" else ", rounded to nearest"
+    return text + (", fp16 compute" if r.fp16 else "")
+
+
 def quantize_variant(
     variant: str, fp32: Path, target: Path, done: dict[str, Path] | None = None, calibrate: Calibrate | None = None
 ) -> Path:
