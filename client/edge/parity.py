@@ -118,10 +118,8 @@ def check_variants(
     sessions = {variant: OrtCausalLM(path, threads) for variant, path in files.items()}
     stats = {variant: _Stats() for variant in files}
     ref_nll: list[float] = []
-    positions = 0
     for index, ids in enumerate(texts):
         start = _first_new_position(ids, texts[:index])
-        positions += max(0, len(ids) - 1 - start)
         with torch.no_grad():
             ref = model(torch.tensor([ids])).logits[0].float().numpy()
         ref_nll.extend(_nll(ref, ids)[start:])
@@ -150,7 +148,7 @@ def check_variants(
                 passed=agreement >= floor,
             )
         )
-    return Parity(results, ref_ppl, len(texts), positions)
+    return Parity(results, ref_ppl, len(texts), stats["fp32"].positions)
 
 
 def _first_new_position(ids: list[int], earlier: list[list[int]]) -> int:

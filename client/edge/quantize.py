@@ -37,6 +37,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MS_DOMAIN = "com.microsoft"
+EIGHT_BIT_BLOCK = 64  # block of the layers a 4-bit recipe keeps at 8 bits
 
 
 @dataclass(frozen=True)
@@ -55,7 +56,7 @@ class Recipe:
     def layer_plan(self, name: str, shape: tuple[int, int]) -> tuple[int, int] | None:
         """(bits, block) for the linear layer ``name`` of weight shape [out, in]; None where no block fits."""
         eight = self.bits != 8 and any(part in name for part in self.eight_bit_layers)
-        bits, block = (8, 64) if eight else (self.bits, self.block)
+        bits, block = (8, EIGHT_BIT_BLOCK) if eight else (self.bits, self.block)
         if name.split(".")[-1] == "lm_head":  # tied to the embedding: quantised as the embedding is
             bits, block = self.embed_bits, self.embed_block
         block = fitting_block(shape[1], block)
@@ -142,7 +143,7 @@ def quantize_variant(
     keep8 = [n for n in names if any(part in n for part in recipe.eight_bit_layers)] if recipe.bits != 8 else []
     model = _matmul_nbits(model, recipe.bits, recipe.block, recipe.accuracy_level, keep8)
     if keep8:
-        model = _matmul_nbits(model, 8, 64, recipe.accuracy_level, exclude=[])
+        model = _matmul_nbits(model, 8, EIGHT_BIT_BLOCK, recipe.accuracy_level, exclude=[])
     if recipe.fp16:
         model = _to_fp16(model)
     _save(model, target)
