@@ -144,3 +144,49 @@ def test_model_card_states_privacy_or_its_absence(tmp_path):
     card = model_card("smollm2-135m", with_dp, parity)
     assert "ε = 2" in card and "δ = 1e-05" in card and "3 rounds, 4 clients" in card and "| fp32 |" in card
     assert "no differential-privacy" in model_card("tiny", RunInfo(adapter, {}), parity)
+
+
+def test_scales_stored_as_float16_give_the_same_logits_and_restore_exactly():
+    import onnx
+    import onnxruntime as ort
+
+    from fedswarm.client.edge.quantize import float_scales, half_scales, quantize_tied_embedding
+
+    model, _ = _tied_graph()
+    assert quantize_tied_embedding(model, 8, 32)
+    before = model.SerializeToString()
+    scales = [(i.name, i.data_type) for i in model.graph.initializer if i.name.endswith("_scales")]
+    assert [t for _, t in scales] == [onnx.TensorProto.FLOAT]
+    name = scales[0][0]
+    ids = np.array([[0, 5, 17, 95, 3]], dtype=np.int64)
+
+    def logits(m: onnx.ModelProto) -> np.ndarray:
+        session = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+        return session.run(None, {"ids": ids})[0]
+
+    want = logits(model)
+    half_scales(model)
+    stored = {i.name: i.data_type for i in model.graph.initializer}
+    assert stored[name + "_fp16"] == onnx.TensorProto.FLOAT16 and name not in stored
+    half = next(i for i in model.graph.initializer if i.name == name + "_fp16")
+    assert len(half.raw_data) == 96 * 2 * 2  # 96 rows x 2 blocks x 2 bytes, half of float32's
+    assert len(model.SerializeToString()) < len(before)
+    np.testing.assert_array_equal(logits(model), want)  # the scales were exact halves: nothing changes
+    float_scales(model)
+    assert model.SerializeToString() == before
+    np.testing.assert_array_equal(logits(model), want)
+
+
+def test_half_scales_leaves_scales_that_are_not_exact_halves():
+    import onnx
+
+    from fedswarm.client.edge.quantize import half_scales, quantize_tied_embedding
+
+    model, _ = _tied_graph()
+    assert quantize_tied_embedding(model, 8, 32)
+    init = next(i for i in model.graph.initializer if i.name.endswith("_scales"))
+    name, value = init.name, onnx.numpy_helper.to_array(init).copy()
+    value[0, 0] *= np.float32(1.0001)  # between two float16 values (their spacing is ~1e-3 relative)
+    init.CopyFrom(onnx.numpy_helper.from_array(value, name))
+    half_scales(model)
+    assert {i.name: i.data_type for i in model.graph.initializer}[name] == onnx.TensorProto.FLOAT

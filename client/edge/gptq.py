@@ -42,7 +42,7 @@ class QuantizedLinear:
     """One linear layer's weight [out, in] as integer codes and per-block scales."""
 
     codes: np.ndarray  # int8 [out, in], in [-2^(bits-1), 2^(bits-1) - 1]
-    scales: np.ndarray  # float32 [out, in // block]
+    scales: np.ndarray  # float32 [out, in // block], each exactly a float16 (the file stores them as such)
     bits: int
     block: int
 
@@ -106,9 +106,9 @@ def _block_scale(weights: torch.Tensor, qmax: int) -> torch.Tensor:
 
     top = weights.abs().amax(dim=1)
     top = torch.where(top > 0, top, torch.ones_like(top))
-    best_scale, best_err = top / qmax, None
+    best_scale, best_err = half_exact(top / qmax), None
     for c in CLIP_GRID:
-        scale = top * c / qmax
+        scale = half_exact(top * c / qmax)
         q = torch.clamp(torch.round(weights / scale[:, None]), -qmax - 1, qmax)
         err = (weights - q * scale[:, None]).pow(2).sum(dim=1)
         if best_err is None:
@@ -118,6 +118,18 @@ def _block_scale(weights: torch.Tensor, qmax: int) -> torch.Tensor:
         best_scale = torch.where(better, scale, best_scale)
         best_err = torch.where(better, err, best_err)
     return best_scale
+
+
+def half_exact(scale: torch.Tensor) -> torch.Tensor:
+    """``scale`` rounded to the nearest float16 (never to zero): the value the exported file stores.
+
+    Codes are then chosen against the scale the model will really use, so storing the
+    scales in half precision (half the bytes of the scales, ~3% of an 8-bit model) costs nothing.
+    """
+    import torch
+
+    tiny = torch.finfo(torch.float16).smallest_normal * 2.0**-10  # the smallest float16 subnormal
+    return scale.clamp(min=tiny).to(torch.float16).to(scale.dtype)
 
 
 def gptq_model(model: PreTrainedModel, texts: Sequence[Sequence[int]], plan: Plan) -> dict[str, QuantizedLinear]:
