@@ -62,7 +62,7 @@ def federated(args: argparse.Namespace, extra: list[str], out: Path) -> tuple[fl
         sys.executable, "-m", "fedswarm.common.cli", "simulate", "--model", args.model, "--data", args.data,
         "--clients", str(args.clients), "--rounds", str(args.rounds), "--local-steps", str(args.local_steps),
         "--partition", args.partition, "--eval-size", str(args.eval_size), "--learning-rate", str(args.learning_rate),
-        "--out", str(out), *extra,
+        "--server-lr", str(args.server_lr), "--out", str(out), *extra,
     ]  # fmt: skip
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -79,6 +79,7 @@ def main() -> None:
     parser.add_argument("--partition", default="dirichlet:0.5")
     parser.add_argument("--eval-size", type=int, default=200)
     parser.add_argument("--learning-rate", type=float, default=2e-3)
+    parser.add_argument("--server-lr", type=float, default=1.0, help="federated variants' server learning rate")
     parser.add_argument("--only", default="", help="comma-separated variant letters to run, e.g. a,b")
     args = parser.parse_args()
     wanted = set(args.only.split(",")) if args.only else set("abcde")
@@ -99,7 +100,10 @@ def main() -> None:
             print(f"{name}: {before:.3f} -> {after:.3f} {note}", flush=True)
 
     steps = args.clients * args.rounds * args.local_steps
-    print(f"\n{args.model} on {args.data}, {steps} total steps, partition {args.partition}, {args.eval_size} held out")
+    print(
+        f"\n{args.model} on {args.data}, {steps} total steps, partition {args.partition}, {args.eval_size} held out,"
+        f" server lr {args.server_lr:g}"
+    )
     print(f"{'variant':<22} {'round 0':>8} {'final':>8} {'gain':>8} {'gain / (a)':>11}  notes")
     base = results.get("(a) centralised")
     base_gain = base[1] - base[0] if base else None

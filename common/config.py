@@ -47,6 +47,9 @@ class FederationConfig:
     aggregation: str = option(
         "fedavg", "LoRA aggregation: fedavg (A, B averaged apart), ffa (A frozen), svd (product + SVD)"
     )
+    server_lr: float = option(
+        1.0, "server learning rate: the global adapter moves this many times the clients' mean update (1: mean)"
+    )
     global_rank: int = option(0, "svd: rank of the global adapter (0: the largest client rank)")
     client_ranks: str = option("", "simulation: LoRA rank per partition, e.g. 4,8,16 (cycled); default --lora-rank")
     dp: bool = option(False, "train each client's LoRA with Opacus DP-SGD (Poisson sampling, per-sample clipping)")
@@ -77,6 +80,8 @@ class FederationConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.learning_rate <= 0:
             raise ValueError(f"--learning-rate must be > 0, got {self.learning_rate}")
+        if self.server_lr <= 0:
+            raise ValueError(f"--server-lr must be > 0, got {self.server_lr}")
         if self.precision not in ("auto", "bf16", "fp32"):
             raise ValueError(f"--precision must be auto, bf16 or fp32, got {self.precision!r}")
         if not 0.0 <= self.fraction_evaluate <= 1.0:

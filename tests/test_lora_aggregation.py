@@ -87,3 +87,57 @@ def test_config_rejects_mixed_ranks_without_svd():
         FederationConfig(model="tiny", client_ranks="4,8")
     with pytest.raises(ValueError, match="--aggregation must be fedavg, ffa or svd"):
         FederationConfig(model="tiny", aggregation="mean")
+
+
+def _product(state: dict, name: str, scale: float) -> torch.Tensor:
+    return scale * state[name + ".lora_B.weight"].double() @ state[name + ".lora_A.weight"].double()
+
+
+def test_server_lr_steps_ffa_exactly_and_fedavg_factor_wise():
+    from fedswarm.server.coordinator.aggregation import apply_server_lr, server_step
+
+    rank, lr, scale = 4, 2.5, ALPHA / 4
+    gen = torch.Generator().manual_seed(7)
+    prior = _state(rank, gen)
+    shared = {k: v for k, v in prior.items() if "lora_A" in k}
+    ffa = _clients([rank] * 3, shared_a=shared, seed=3)
+    mean_b = {k: v for k, v in _fedavg(ffa).items() if "lora_B" in k}
+    stepped = {**shared, **apply_server_lr(prior, mean_b, lr)}
+    p = torch.tensor([10.0, 30.0, 60.0]) / 100
+    for name in LAYERS:  # (1 - lr) s B0 A + lr sum p s B A, by hand
+        want = (1 - lr) * _product(prior, name, scale) + lr * sum(
+            pk * _product(c.state, name, scale) for pk, c in zip(p, ffa, strict=True)
+        )
+        torch.testing.assert_close(_product(stepped, name, scale), want, rtol=1e-5, atol=1e-5)
+    assert residual(server_step(ffa, prior, scale, lr), stepped, scale) < 1e-5
+    assert residual(ffa, stepped, scale) > 0.1  # against the plain mean, the step is no longer the target
+    clients = _clients([rank] * 3, seed=4)
+    fedavg = apply_server_lr(prior, _fedavg(clients), lr)
+    key = "m.l0.q_proj.lora_A.weight"
+    torch.testing.assert_close(fedavg[key], prior[key] + lr * (_fedavg(clients)[key] - prior[key]))
+    assert residual(server_step(clients, prior, scale, lr), fedavg, scale) > 1e-2  # factor-wise: not exact
+    assert server_step(clients, prior, scale, 1.0) == clients and apply_server_lr(prior, fedavg, 1.0) == fedavg
+
+
+def test_svd_server_lr_is_the_product_space_step():
+    from fedswarm.server.coordinator.aggregation import server_step
+
+    rank, lr = 4, 0.5
+    gen = torch.Generator().manual_seed(9)
+    prior = _state(rank, gen)
+    clients = _clients([rank] * 3, seed=5)
+    stepped = server_step(clients, prior, ALPHA / rank, lr)
+    full = svd_aggregate(stepped, global_rank=4 * rank)  # the prior adds its own rank to the sum
+    assert full.residual < 1e-6
+    state = svd_state(full, 4 * rank, ALPHA / (4 * rank))
+    p = torch.tensor([10.0, 30.0, 60.0]) / 100
+    for name in LAYERS:
+        want = (1 - lr) * _product(prior, name, ALPHA / rank) + lr * sum(
+            pk * _product(c.state, name, c.scale) for pk, c in zip(p, clients, strict=True)
+        )
+        torch.testing.assert_close(_product(state, name, ALPHA / (4 * rank)), want, rtol=1e-5, atol=1e-5)
+
+
+def test_config_rejects_a_non_positive_server_lr():
+    with pytest.raises(ValueError, match="--server-lr must be > 0, got 0"):
+        FederationConfig(model="tiny", server_lr=0.0)

@@ -26,6 +26,27 @@ class Client:
     scale: float  # alpha / rank of this client's adapter
 
 
+def server_step(clients: Sequence[Client], prior: State | None, prior_scale: float, lr: float) -> list[Client]:
+    """The clients as a server step of size ``lr`` sees them: ``(1 - lr) s' B' A' + lr sum p s B A`` as one sum.
+
+    ``prior`` is the global adapter the clients started from (scale ``prior_scale``). FedOpt's
+    server SGD moves it ``lr`` times the clients' mean update; in product space that is the
+    weighted sum above, so :func:`weighted_product`, :func:`residual` and :func:`svd_aggregate`
+    take it unchanged (weights keep their total; the prior's is negative when ``lr`` > 1).
+    """
+    if lr == 1.0 or prior is None:
+        return list(clients)
+    total = sum(c.weight for c in clients)
+    return [Client(prior, (1.0 - lr) * total, prior_scale), *(Client(c.state, lr * c.weight, c.scale) for c in clients)]
+
+
+def apply_server_lr(prior: State, aggregated: State, lr: float) -> dict[str, torch.Tensor]:
+    """Factor-wise server SGD: each aggregated array moved ``lr`` times its change from ``prior``."""
+    if lr == 1.0:
+        return dict(aggregated)
+    return {k: prior[k] + lr * (v - prior[k]) if k in prior else v for k, v in aggregated.items()}
+
+
 def layers(state: State) -> list[str]:
     """Layer prefixes that have both factors, in a stable order."""
     return sorted(

@@ -13,6 +13,7 @@ from flwr.serverapp import Grid
 from fedswarm.common.config import FederationConfig
 from fedswarm.common.errors import FedswarmError
 from fedswarm.common.stop import check_stop
+from fedswarm.server.coordinator.aggregation import apply_server_lr
 from fedswarm.server.coordinator.central_eval import CentralEvaluator
 from fedswarm.server.coordinator.replies import Screened, screen_replies
 from fedswarm.server.coordinator.resume import Resumed, load_resume, restore_strategy, strategy_state
@@ -74,9 +75,11 @@ def run_federation(grid: Grid, cfg: FederationConfig) -> dict[str, Any]:
         if aggregated is None:
             raise FedswarmError(f"round {round_no}: aggregation produced no adapter")
         new_state = aggregated.to_torch_state_dict()
+        if cfg.aggregation != "svd":  # svd steps in product space, inside its aggregation
+            new_state = apply_server_lr(state, new_state, cfg.server_lr)
         if cfg.aggregation == "ffa":
             new_state = {**fixed_a, **new_state}
-        residual = aggregation_residual(cfg, strategy, trained, new_state, fixed_a)
+        residual = aggregation_residual(cfg, strategy, trained, new_state, fixed_a, state)
         state = new_state
         fed_eval = _federated_eval(grid, strategy, round_no, state, config, node_ids, cfg)
         result = evaluator(state)

@@ -14,7 +14,7 @@ from typing import Any
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 
 from fedswarm.common.config import FederationConfig
-from fedswarm.server.coordinator.aggregation import Client, residual
+from fedswarm.server.coordinator.aggregation import Client, residual, server_step
 from fedswarm.server.coordinator.strategy import LoraSvd, client_of
 
 PRIVACY_KEY = "privacy"
@@ -101,12 +101,13 @@ def privacy_row(replies: list[Message], declined: list[Message]) -> dict[str, An
 
 
 def aggregation_residual(
-    cfg: FederationConfig, strategy: Any, replies: list[Message], new_state: dict, fixed_a: dict
+    cfg: FederationConfig, strategy: Any, replies: list[Message], new_state: dict, fixed_a: dict, prior: dict
 ) -> float:
-    """Relative Frobenius error of the aggregated product against ``sum p s B A``."""
+    """Relative Frobenius error of the aggregated product against ``sum p s B A`` (stepped from ``prior``)."""
     if isinstance(strategy, LoraSvd):
         return strategy.last_residual
     clients: list[Client] = [
         client_of(r, cfg.lora_alpha, fixed_a if cfg.aggregation == "ffa" else None) for r in replies
     ]
-    return residual(clients, new_state, cfg.lora_alpha / cfg.server_rank())
+    scale = cfg.lora_alpha / cfg.server_rank()
+    return residual(server_step(clients, prior, scale, cfg.server_lr), new_state, scale)
