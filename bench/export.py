@@ -18,6 +18,8 @@ import tempfile
 import time
 from pathlib import Path
 
+SIZE_GOALS = {"int8": 0.26, "q4": 0.39, "q4f16": 0.24}
+AGREEMENT_GOALS = {"int8": 0.95, "q4": 0.9}
 PROMPT = [{"role": "user", "content": "Is this sarcastic? 'Oh great, another Monday. Just what I needed.'"}]
 
 
@@ -32,7 +34,7 @@ def main() -> None:
     )
     parser.add_argument("--decode-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--parity-samples", type=int, default=64, help="held-out texts (64: ~3300 positions)")
+    parser.add_argument("--parity-samples", type=int, default=64, help="held-out texts (64: ~1350 distinct positions)")
     parser.add_argument("--calibration-samples", type=int, default=128, help="training texts for GPTQ")
     parser.add_argument("--parity-decode-steps", type=int, default=8, help="cached decode steps per parity text")
     args = parser.parse_args()
@@ -144,11 +146,23 @@ def print_table(parity: dict, latency: dict[str, float], export_s: float, args: 
     for name, v in parity["variants"].items():
         ms = latency.get(name, float("nan"))
         print(
-            f"{name:7} | {v['size_bytes'] / 1e6:7.1f} | {v['size_vs_fp32']:6.3f} | {ms:19.1f} | {eager / ms:16.2f}x "
+            f"{name:7} | {v['size_bytes'] / 1e6:7.1f} | {v['size_vs_fp32']:6.4f} | {ms:19.1f} | {eager / ms:16.2f}x "
             f"| {v['next_token_agreement']:20.4f} | {v['max_logit_error']:.2f} / {v['mean_logit_error']:.3f} "
             f"| {v['perplexity_change'] * 100:+.2f}%"
         )
     print(f"pytorch | {'':7} | {'':6} | {eager:19.1f} (eager, merged fp32 model)")
+    variants = parity["variants"]
+    for name, limit in SIZE_GOALS.items():  # transformers.js' own files for Qwen2.5-0.5B-Instruct
+        if name in variants:
+            ratio = variants[name]["size_vs_fp32"]
+            print(f"goal: {name} size {ratio:.4f} of fp32 <= {limit}: {'met' if ratio <= limit else 'MISSED'}")
+    for name, floor in AGREEMENT_GOALS.items():
+        if name in variants:
+            agreement = variants[name]["next_token_agreement"]
+            print(f"goal: {name} agreement {agreement:.4f} >= {floor}: {'met' if agreement >= floor else 'MISSED'}")
+    if "int8" in latency:
+        speed = eager / latency["int8"]
+        print(f"goal: int8 decode {speed:.2f}x PyTorch eager >= 2: {'met' if speed >= 2 else 'MISSED'}")
 
 
 if __name__ == "__main__":

@@ -53,6 +53,18 @@ def test_parity_json_holds_the_figures(edge):
     assert f"- int8: {how['int8']}" in card and how["int8"].startswith("8-bit weights in blocks of 64")
 
 
+def test_int8_block_scales_are_stored_as_float16(edge):
+    import onnx
+
+    model = onnx.load(edge / "onnx" / "model_quantized.onnx")
+    inits = {i.name: i.data_type for i in model.graph.initializer}
+    casts = {n.output[0]: n.input[0] for n in model.graph.node if n.op_type == "Cast"}
+    scales = [n.input[2] for n in model.graph.node if n.op_type == "MatMulNBits"]
+    assert len(scales) > 20  # every linear layer of the tiny model, and the tied head
+    assert all(inits.get(casts.get(name, "")) == onnx.TensorProto.FLOAT16 for name in scales)
+    assert "float16 block scales" in json.loads((edge / "parity.json").read_text())["quantisation"]["int8"]
+
+
 @pytest.fixture(scope="module")
 def reference(edge):
     from peft import PeftModel
