@@ -3,6 +3,7 @@
 
 import asyncio
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -65,6 +66,7 @@ def test_page_generates_onnxruntimes_greedy_tokens(q4_edge, tmp_path):
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
+        env={**os.environ, "TMPDIR": str(tmp_path)},  # chromium's own temp folders go with the test's
     )
     try:
         page = asyncio.run(asyncio.wait_for(_run_page(browser, url + "?variant=q4&device=wasm"), timeout=300))
