@@ -30,8 +30,8 @@ VARIANTS = {
 }
 
 
-def centralised(args: argparse.Namespace) -> tuple[float, float]:
-    """Round-0 and final held-out accuracy of plain LoRA on the pooled training data."""
+def centralised(args: argparse.Namespace) -> tuple[float, float, str]:
+    """Round-0 and final held-out accuracy of plain LoRA on the pooled training data, and its held-out loss."""
     import torch
 
     from fedswarm.client.trainer.local_train import train_lora
@@ -44,7 +44,7 @@ def centralised(args: argparse.Namespace) -> tuple[float, float]:
     torch.set_num_threads(2)
     cfg = FederationConfig(model=args.model, data=args.data, eval_size=args.eval_size, learning_rate=args.learning_rate)
     evaluator = CentralEvaluator(cfg)
-    before = evaluator(evaluator.initial_state()).accuracy
+    start = evaluator(evaluator.initial_state())
     records = load_examples(cfg.data)
     train = [records[i] for i in holdout_split(len(records), cfg.eval_size, cfg.seed).train]
     steps = args.clients * args.rounds * args.local_steps
@@ -53,11 +53,12 @@ def centralised(args: argparse.Namespace) -> tuple[float, float]:
         model, tokenizer, train, steps, cfg.batch_size, cfg.learning_rate, cfg.max_seq_len, 0, cfg.precision
     )  # the precision the federated clients resolve too (fp32 on CPUs without native bf16)
 
-    after = evaluate(evaluator.model, evaluator.tokenizer, evaluator.holdout, cfg.max_seq_len).accuracy
-    return float(before or 0.0), float(after or 0.0)
+    end = evaluate(evaluator.model, evaluator.tokenizer, evaluator.holdout, cfg.max_seq_len)
+    return float(start.accuracy or 0.0), float(end.accuracy or 0.0), f"loss {start.loss:.3f} -> {end.loss:.3f}"
 
 
-def federated(args: argparse.Namespace, extra: list[str], out: Path) -> tuple[float, float, dict]:
+def federated(args: argparse.Namespace, extra: list[str], out: Path) -> tuple[dict, dict]:
+    """The first (round 0) and last rows of a federated run's metrics.jsonl."""
     cmd = [
         sys.executable, "-m", "fedswarm.common.cli", "simulate", "--model", args.model, "--data", args.data,
         "--clients", str(args.clients), "--rounds", str(args.rounds), "--local-steps", str(args.local_steps),
@@ -66,7 +67,7 @@ def federated(args: argparse.Namespace, extra: list[str], out: Path) -> tuple[fl
     ]  # fmt: skip
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return float(rows[0]["eval_accuracy"]), float(rows[-1]["eval_accuracy"]), rows[-1]
+    return rows[0], rows[-1]
 
 
 def main() -> None:
@@ -86,16 +87,18 @@ def main() -> None:
 
     results: dict[str, tuple[float, float, str]] = {}
     if "a" in wanted:
-        before, after = centralised(args)
-        results["(a) centralised"] = (before, after, "")
-        print(f"(a) centralised: {before:.3f} -> {after:.3f}", flush=True)
+        before, after, note = centralised(args)
+        results["(a) centralised"] = (before, after, note)
+        print(f"(a) centralised: {before:.3f} -> {after:.3f} {note}", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         for name, extra in VARIANTS.items():
             if name[1] not in wanted:
                 continue
-            before, after, last = federated(args, extra, Path(tmp) / name[1])
-            note = f"epsilon {last['epsilon_max']:.2f}" if "epsilon_max" in last else ""
-            note += f" residual {last.get('aggregation_residual', 0):.2e}"
+            first, last = federated(args, extra, Path(tmp) / name[1])
+            before, after = float(first["eval_accuracy"]), float(last["eval_accuracy"])
+            note = f"loss {first['eval_loss']:.3f} -> {last['eval_loss']:.3f}"
+            note += f", residual {last.get('aggregation_residual', 0):.2e}"
+            note += f", epsilon {last['epsilon_max']:.2f}" if "epsilon_max" in last else ""
             results[name] = (before, after, note)
             print(f"{name}: {before:.3f} -> {after:.3f} {note}", flush=True)
 
