@@ -42,7 +42,9 @@ def centralised(args: argparse.Namespace) -> tuple[float, float, str]:
     from fedswarm.server.coordinator.central_eval import CentralEvaluator
 
     torch.set_num_threads(2)
-    cfg = FederationConfig(model=args.model, data=args.data, eval_size=args.eval_size, learning_rate=args.learning_rate)
+    cfg = FederationConfig(
+        model=args.model, data=args.data, eval_size=args.eval_size, learning_rate=args.learning_rate, seed=args.seed
+    )
     evaluator = CentralEvaluator(cfg)
     start = evaluator(evaluator.initial_state())
     records = load_examples(cfg.data)
@@ -50,7 +52,7 @@ def centralised(args: argparse.Namespace) -> tuple[float, float, str]:
     steps = args.clients * args.rounds * args.local_steps
     model, tokenizer = evaluator.model, evaluator.tokenizer
     train_lora(
-        model, tokenizer, train, steps, cfg.batch_size, cfg.learning_rate, cfg.max_seq_len, 0, cfg.precision
+        model, tokenizer, train, steps, cfg.batch_size, cfg.learning_rate, cfg.max_seq_len, cfg.seed, cfg.precision
     )  # the precision the federated clients resolve too (fp32 on CPUs without native bf16)
 
     end = evaluate(evaluator.model, evaluator.tokenizer, evaluator.holdout, cfg.max_seq_len)
@@ -63,7 +65,7 @@ def federated(args: argparse.Namespace, extra: list[str], out: Path) -> tuple[di
         sys.executable, "-m", "fedswarm.common.cli", "simulate", "--model", args.model, "--data", args.data,
         "--clients", str(args.clients), "--rounds", str(args.rounds), "--local-steps", str(args.local_steps),
         "--partition", args.partition, "--eval-size", str(args.eval_size), "--learning-rate", str(args.learning_rate),
-        "--server-lr", str(args.server_lr), "--out", str(out), *extra,
+        "--server-lr", str(args.server_lr), "--seed", str(args.seed), "--out", str(out), *extra,
     ]  # fmt: skip
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -80,6 +82,7 @@ def main() -> None:
     parser.add_argument("--partition", default="dirichlet:0.5")
     parser.add_argument("--eval-size", type=int, default=200)
     parser.add_argument("--learning-rate", type=float, default=2e-3)
+    parser.add_argument("--seed", type=int, default=0, help="held-out split, partitions, adapter init, batch order")
     parser.add_argument("--server-lr", type=float, default=1.0, help="federated variants' server learning rate")
     parser.add_argument("--only", default="", help="comma-separated variant letters to run, e.g. a,b")
     args = parser.parse_args()
@@ -105,7 +108,7 @@ def main() -> None:
     steps = args.clients * args.rounds * args.local_steps
     print(
         f"\n{args.model} on {args.data}, {steps} total steps, partition {args.partition}, {args.eval_size} held out,"
-        f" server lr {args.server_lr:g}"
+        f" server lr {args.server_lr:g}, seed {args.seed}"
     )
     print(f"{'variant':<22} {'round 0':>8} {'final':>8} {'gain':>8} {'gain / (a)':>11}  notes")
     base = results.get("(a) centralised")
