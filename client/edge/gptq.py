@@ -26,6 +26,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from fedswarm.client.edge.quantize import SMALLEST_HALF
+
 if TYPE_CHECKING:
     import torch
     from transformers import PreTrainedModel
@@ -128,8 +130,7 @@ def half_exact(scale: torch.Tensor) -> torch.Tensor:
     """
     import torch
 
-    tiny = torch.finfo(torch.float16).smallest_normal * 2.0**-10  # the smallest float16 subnormal
-    return scale.clamp(min=tiny).to(torch.float16).to(scale.dtype)
+    return scale.clamp(min=SMALLEST_HALF).to(torch.float16).to(scale.dtype)
 
 
 def gptq_model(model: PreTrainedModel, texts: Sequence[Sequence[int]], plan: Plan) -> dict[str, QuantizedLinear]:

@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 
 MS_DOMAIN = "com.microsoft"
 EIGHT_BIT_BLOCK = 64  # block of the layers a 4-bit recipe keeps at 8 bits
+SMALLEST_HALF = 2.0**-24  # the smallest float16 subnormal: a block scale never rounds below it (nor to 0)
 
 
 @dataclass(frozen=True)
@@ -212,7 +213,8 @@ def float_scales(model: onnx.ModelProto) -> onnx.ModelProto:
     for node in folded:
         init = inits[node.input[0]]
         init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init).astype(np.float32), node.output[0]))
-    keep = [n for n in graph.node if all(n is not f for f in folded)]
+    made = {node.output[0] for node in folded}  # a tensor has one producer: its name identifies the Cast
+    keep = [n for n in graph.node if n.op_type != "Cast" or n.output[0] not in made]
     del graph.node[:]
     graph.node.extend(keep)
     return model
@@ -365,9 +367,9 @@ def quantize_blockwise(weight: np.ndarray, bits: int, block_size: int) -> tuple[
     qmax = 2 ** (bits - 1) - 1
     scales = np.abs(blocks).max(axis=2) / qmax
     scales[scales == 0] = 1.0
-    scales = np.maximum(scales, np.float32(2.0**-24)).astype(np.float16).astype(np.float32)  # stored as float16
+    scales = np.maximum(scales, np.float32(SMALLEST_HALF)).astype(np.float16).astype(np.float32)  # stored as float16
     codes = np.clip(np.rint(blocks / scales[..., None]), -qmax, qmax).reshape(rows, cols)
-    return pack_codes(codes, bits), scales.astype(np.float32)
+    return pack_codes(codes, bits), scales
 
 
 def pack_codes(codes: np.ndarray, bits: int) -> np.ndarray:
