@@ -50,6 +50,9 @@ class FederationConfig:
     server_lr: float = option(
         1.0, "server learning rate: the global adapter moves this many times the clients' mean update (1: mean)"
     )
+    scaffold: bool = option(
+        False, "SCAFFOLD drift correction for non-IID nodes: each local step follows g - c_i + c (fedavg, ffa)"
+    )
     global_rank: int = option(0, "svd: rank of the global adapter (0: the largest client rank)")
     client_ranks: str = option("", "simulation: LoRA rank per partition, e.g. 4,8,16 (cycled); default --lora-rank")
     dp: bool = option(False, "train each client's LoRA with Opacus DP-SGD (Poisson sampling, per-sample clipping)")
@@ -98,6 +101,13 @@ class FederationConfig:
             raise ValueError(f"--delta must be within (0, 1), got {self.delta}")
         if self.max_grad_norm <= 0 or self.central_clip <= 0:
             raise ValueError("--max-grad-norm and --central-clip must be > 0")
+        if self.scaffold and self.aggregation == "svd":
+            raise ValueError("--scaffold works with --aggregation fedavg or ffa (svd re-bases the factors each round)")
+        if self.scaffold and self.central_dp:
+            raise ValueError(
+                "--scaffold with --central-dp would send each node's mean gradient (c_i) outside the central DP "
+                "guarantee; use --dp (local DP covers c_i) or drop one of them"
+            )
         if self.central_dp and self.aggregation == "svd":
             raise ValueError("--central-dp works with --aggregation fedavg or ffa (it wraps FedAvg)")
         if self.client_ranks and (self.aggregation != "svd" and len(set(self.ranks())) > 1):

@@ -69,6 +69,12 @@ def load_adapter_state(model: PeftModel, state: Mapping[str, torch.Tensor]) -> N
             target.copy_(tensor.to(target.dtype))
 
 
+def lora_parameters(model: PeftModel) -> dict[str, torch.nn.Parameter]:
+    """The adapter's parameters, keyed like ``adapter_state`` (the very tensors, not copies)."""
+    named = dict(model.named_parameters())
+    return {k: named[_param_name(k, model.active_adapter)] for k in adapter_state(model)}
+
+
 def _param_name(state_key: str, adapter: str) -> str:
     # PEFT drops ".<adapter>" from saved keys: "...lora_A.weight" <- "...lora_A.default.weight"
     head, _, tail = state_key.rpartition(".")

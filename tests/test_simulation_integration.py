@@ -91,3 +91,31 @@ def test_simulation_ffa_server_lr_steps_exactly(labelled_file, tmp_path):
     # exact under ffa, and it would be ~1 (B moved twice the mean) had the step not been taken from it
     assert len(rows) == 2 and all(r["aggregation_residual"] < 1e-5 for r in rows)
     assert json.loads((out / "summary.json").read_text())["config"]["server_lr"] == 2.0
+
+
+@pytest.mark.integration
+def test_simulation_ffa_scaffold_sends_checkpoints_and_resumes_the_control(labelled_file, tmp_path):
+    from safetensors.torch import load_file
+
+    from fedswarm.common.lora import adapter_state, attach_lora
+    from fedswarm.common.model import load_model
+
+    out = tmp_path / "run"
+    scaffold = ("--aggregation", "ffa", "--scaffold", "--partition", "dirichlet:0.5")
+    proc = _simulate(labelled_file, out, *scaffold, "--rounds", "1")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    b_state = {k: v for k, v in adapter_state(attach_lora(load_model("tiny"), 8, 16.0, 0)).items() if "lora_B" in k}
+    b_bytes = sum(t.numel() * 4 for t in b_state.values())
+    control = load_file(str(out / "checkpoints/round-001/control.safetensors"))
+    assert set(control) == set(b_state)  # c: one tensor per trained B, finite, not zero (the nodes' mean gradient)
+    assert all(bool(t.isfinite().all()) for t in control.values())
+    assert sum(float(t.abs().sum()) for t in control.values()) > 0
+    assert not (out / "adapter" / "control.safetensors").exists()  # not part of the PEFT adapter
+    proc = _simulate(labelled_file, out, *scaffold, "--resume", str(out), "--rounds", "2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][1:]
+    assert [r["round"] for r in rows] == [1, 2]
+    # round 1 sends B only; the resumed round 2 B and c, read back from round 1's checkpoint
+    assert rows[1]["bytes_down"] - rows[0]["bytes_down"] > 0.95 * 3 * b_bytes
+    assert all(r["bytes_up"] > 0.95 * 2 * 3 * b_bytes for r in rows)  # each reply: B and its c_i
+    assert (out / "checkpoints/round-002/control.safetensors").is_file()

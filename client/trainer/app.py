@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from fedswarm.client.trainer.drift import CONTROL_KEY, DriftCorrection
 from fedswarm.client.trainer.node_round import PRIVACY_KEY, node_rank, prepare_adapter, train_round
 from fedswarm.client.trainer.runtime import Shard, lora_model, shard_for
 from fedswarm.common.config import FederationConfig, from_run_config
@@ -66,6 +67,17 @@ def _privacy_history(msg: Message, context: Context) -> str | None:
     return str(sent) if sent else None
 
 
+def _drift_correction(msg: Message, context: Context, job: Prepared) -> DriftCorrection:
+    """SCAFFOLD for this round: the coordinator's c (absent in round 1) and this node's own c_i."""
+    server = msg.content.array_records.get(CONTROL_KEY)
+    own = context.state.array_records.get(CONTROL_KEY)
+    return DriftCorrection(
+        job.model,
+        server.to_torch_state_dict() if server is not None else None,
+        own.to_torch_state_dict() if own is not None else None,
+    )
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """One round of local training; replies with the adapter and train metrics."""
@@ -73,7 +85,10 @@ def train(msg: Message, context: Context) -> Message:
     from fedswarm.common.memory import peak_rss_mb
 
     job = _prepare(msg, context)
-    out = train_round(job.model, job.tokenizer, job.shard, job.cfg, job.server_round, _privacy_history(msg, context))
+    drift = _drift_correction(msg, context, job) if job.cfg.scaffold else None
+    out = train_round(
+        job.model, job.tokenizer, job.shard, job.cfg, job.server_round, _privacy_history(msg, context), drift
+    )
     if out.privacy_history is not None:
         context.state[PRIVACY_KEY] = ConfigRecord({"history": out.privacy_history})
     metrics = {
@@ -86,6 +101,10 @@ def train(msg: Message, context: Context) -> Message:
     content = RecordDict({"metrics": MetricRecord(metrics), "node-info": ConfigRecord(node_info(job.device))})
     if out.state is not None:
         content["arrays"] = ArrayRecord(out.state)
+    if drift is not None and out.state is not None:  # this round's c_i: kept on the node, sent for c
+        control = ArrayRecord(drift.control())
+        context.state[CONTROL_KEY] = control
+        content[CONTROL_KEY] = control
     if out.privacy_history is not None:
         content[PRIVACY_KEY] = ConfigRecord({"history": out.privacy_history, "note": out.note})
     return Message(content=content, reply_to=msg)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -36,8 +36,13 @@ def train_lora(
     max_seq_len: int,
     seed: int,
     precision: str = "auto",
+    on_grads: Callable[[], None] | None = None,
 ) -> TrainResult:
-    """Train the adapter for ``steps`` steps on batches drawn (seeded) from ``examples``."""
+    """Train the adapter for ``steps`` steps on batches drawn (seeded) from ``examples``.
+
+    ``on_grads`` runs at every step once the (unscaled) gradients are in place, before the
+    optimizer reads them (SCAFFOLD's correction, ``drift.py``).
+    """
     import torch
 
     if not examples:
@@ -63,10 +68,15 @@ def train_lora(
             raise FloatingPointError(f"training loss became {value} at step {step}")
         if scaler is not None:  # fp16 on GPUs without bf16
             scaler.scale(loss).backward()
+            if on_grads is not None:
+                scaler.unscale_(optimizer)
+                on_grads()
             scaler.step(optimizer)
             scaler.update()
         else:
             loss.backward()
+            if on_grads is not None:
+                on_grads()
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(value)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -64,15 +64,17 @@ def train_round(
     cfg: FederationConfig,
     server_round: int,
     privacy_history: str | None,
+    on_grads: Callable[[], None] | None = None,
 ) -> RoundOutput:
+    """Local training (DP-SGD under ``--dp``); ``on_grads`` sees every step's gradients (SCAFFOLD)."""
     seed = cfg.seed * 1_000_003 + server_round * 1009 + shard.partition_id
     if cfg.dp:
-        return _train_dp(model, tokenizer, shard, cfg, seed, privacy_history)
+        return _train_dp(model, tokenizer, shard, cfg, seed, privacy_history, on_grads)
     from fedswarm.client.trainer.local_train import train_lora
 
     result = train_lora(
         model, tokenizer, shard.train, cfg.local_steps, cfg.batch_size, cfg.learning_rate,
-        cfg.max_seq_len, seed, cfg.precision,
+        cfg.max_seq_len, seed, cfg.precision, on_grads,
     )  # fmt: skip
     metrics = {"train-loss": result.loss, "steps": result.steps, "seconds": result.seconds}
     return RoundOutput(outgoing(model, cfg), metrics, None)
@@ -85,6 +87,7 @@ def _train_dp(
     cfg: FederationConfig,
     seed: int,
     privacy_history: str | None,
+    on_grads: Callable[[], None] | None,
 ) -> RoundOutput:
     from fedswarm.client.trainer.privacy import Accountant, DpSettings, calibrate_noise, noise_generator, train_lora_dp
 
@@ -101,7 +104,7 @@ def _train_dp(
             return RoundOutput(None, metrics, accountant.dumps(), note)
     result = train_lora_dp(
         model, tokenizer, shard.train, cfg.local_steps, cfg.learning_rate, cfg.max_seq_len, settings, accountant,
-        seed, noise_generator(None if cfg.dp_seed < 0 else cfg.dp_seed + seed, _device_of(model)),
+        seed, noise_generator(None if cfg.dp_seed < 0 else cfg.dp_seed + seed, _device_of(model)), on_grads,
     )  # fmt: skip
     metrics = {
         **_privacy_metrics(settings, result.epsilon, result.steps),

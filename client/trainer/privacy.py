@@ -13,7 +13,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -108,13 +108,19 @@ def train_lora_dp(
     accountant: Accountant,
     seed: int,
     generator: torch.Generator,
+    on_grads: Callable[[], None] | None = None,
 ) -> DpTrainResult:
-    """``steps`` DP-SGD steps; updates ``accountant`` in place (only for steps taken)."""
+    """``steps`` DP-SGD steps; updates ``accountant`` in place (only for steps taken).
+
+    ``on_grads`` sees each step's clipped, noised gradients before AdamW does (Opacus' step hook).
+    """
     import torch
 
     params = [p for p in model.parameters() if p.requires_grad]
     expected = max(1, round(settings.sample_rate * len(examples)))
     gsm, optimizer = dp_components(model, settings, expected, learning_rate, generator)
+    if on_grads is not None:
+        optimizer.attach_step_hook(lambda _optimizer: on_grads())
     rng = np.random.default_rng(seed)
     pad = int(tokenizer.pad_token_id)
     p0 = params[0]

@@ -15,6 +15,7 @@ from fedswarm.common.errors import FedswarmError
 from fedswarm.common.stop import check_stop
 from fedswarm.server.coordinator.aggregation import apply_server_lr
 from fedswarm.server.coordinator.central_eval import CentralEvaluator
+from fedswarm.server.coordinator.controls import attach_control, pop_mean_control
 from fedswarm.server.coordinator.replies import Screened, screen_replies
 from fedswarm.server.coordinator.resume import Resumed, load_resume, restore_strategy, strategy_state
 from fedswarm.server.coordinator.round_plan import (
@@ -49,6 +50,7 @@ def run_federation(grid: Grid, cfg: FederationConfig) -> dict[str, Any]:
     state = evaluator.initial_state()
     fixed_a = {k: v for k, v in state.items() if "lora_A" in k}  # the shared seeded A (ffa keeps it)
     state, book, rows = _starting_point(resumed, strategy, evaluator, state, run)
+    control = resumed.control if resumed else None  # SCAFFOLD's c (none before round 1)
     last_round = first_round = resumed.round if resumed else 0
     for round_no in range(first_round + 1, cfg.rounds + 1):
         check_stop()
@@ -59,6 +61,7 @@ def run_federation(grid: Grid, cfg: FederationConfig) -> dict[str, Any]:
         config = ConfigRecord({**cfg.to_run_config(), "server-round": round_no})
         arrays = ArrayRecord(outgoing_state(cfg, state, None))
         messages = personalise(strategy.configure_train(round_no, arrays, config, grid), cfg, state, book)
+        attach_control(messages, control if cfg.scaffold else None)
         sent = {int(m.metadata.dst_node_id): m.content["arrays"].to_torch_state_dict() for m in messages}
         collected = send_and_collect(grid, messages, cfg.round_timeout, _progress(round_no))
         screened = screen_replies(collected.replies, cfg, sent, round_no)
@@ -71,6 +74,8 @@ def run_federation(grid: Grid, cfg: FederationConfig) -> dict[str, Any]:
                 "round %d: no client trained (%d declined: DP budget reached); stopping", round_no, len(declined)
             )
             break
+        if cfg.scaffold:  # c from the nodes' c_i; their control records leave the replies here
+            control = pop_mean_control(trained)
         aggregated, train_metrics = strategy.aggregate_train(round_no, trained)
         if aggregated is None:
             raise FedswarmError(f"round {round_no}: aggregation produced no adapter")
@@ -89,7 +94,7 @@ def run_federation(grid: Grid, cfg: FederationConfig) -> dict[str, Any]:
         row.update(train_seconds=train_seconds, aggregation_residual=residual, **privacy, **fed_eval)
         row.update(_central_privacy(strategy, cfg))
         row.update(rejected=len(screened.rejected), rejected_why=screened.rejected, failed_why=collected.failures)
-        _commit(run, evaluator, state, round_no, row, cfg, book, strategy_state(strategy))
+        _commit(run, evaluator, state, round_no, row, cfg, book, strategy_state(strategy), control)
         rows.append(row)
         last_round = round_no
         log.info(
@@ -226,12 +231,14 @@ def _client_detail(reply: Message) -> dict[str, Any]:
 
 def _commit(
     run: RunDir, evaluator: CentralEvaluator, state: dict, round_no: int, row: dict, cfg: Any, book: NodeBook,
-    strategy: dict[str, Any],
+    strategy: dict[str, Any], control: dict[str, Any] | None = None,
 ) -> None:  # fmt: skip
     """Checkpoint first, metrics line second: a metrics line always has its checkpoint."""
     from fedswarm.common.lora import save_adapter
 
-    save_adapter(evaluator.model, state, run.checkpoint(round_no))
+    save_adapter(evaluator.model, state, run.checkpoint(round_no))  # replaces the folder: first
+    if control is not None:  # SCAFFOLD's c
+        run.write_control(round_no, control)
     saved = {"round": round_no, "config": asdict(cfg), "metrics": row, "nodes": book.to_json(), "strategy": strategy}
     run.write_state(round_no, saved)
     run.append_metrics(row)

@@ -3,7 +3,8 @@
 A node may be buggy, out of date or hostile. A reply is rejected when its adapter has
 other tensors than the ones the node was sent (missing, extra, or another shape), holds
 NaN or Inf, lies farther than ``--max-update-norm`` (L2 over all tensors) from the adapter
-it was sent, or when its weight (``num-examples``) is not a positive finite number.
+it was sent, or when its weight (``num-examples``) is not a positive finite number. Under
+``--scaffold`` its control variate must pass the same checks (bar the distance).
 Replies that declined to train (DP budget) carry no adapter and pass through.
 """
 
@@ -17,6 +18,7 @@ from typing import TYPE_CHECKING
 from flwr.app import Message
 
 from fedswarm.common.config import FederationConfig
+from fedswarm.server.coordinator.controls import CONTROL_KEY
 
 if TYPE_CHECKING:
     import torch
@@ -68,7 +70,23 @@ def reply_problem(reply: Message, cfg: FederationConfig, sent: dict[str, torch.T
         state = reply.content.array_records["arrays"].to_torch_state_dict()
     except Exception as exc:  # noqa: BLE001 - a payload that does not decode is malformed, whatever the cause
         return f"adapter does not decode: {exc}"
-    return tensor_problem(state, _expected_shapes(sent, cfg, metrics.get("lora-rank")), sent, cfg.max_update_norm)
+    expected = _expected_shapes(sent, cfg, metrics.get("lora-rank"))
+    problem = tensor_problem(state, expected, sent, cfg.max_update_norm)
+    if problem is None and cfg.scaffold:
+        problem = control_problem(reply, expected)
+    return problem
+
+
+def control_problem(reply: Message, expected: dict[str, tuple[int, ...]]) -> str | None:
+    """A ``--scaffold`` reply must carry its node's c_i: the trained tensors' keys and shapes, finite."""
+    if CONTROL_KEY not in reply.content.array_records:
+        return "no SCAFFOLD control variate (control record)"
+    try:
+        control = reply.content.array_records[CONTROL_KEY].to_torch_state_dict()
+    except Exception as exc:  # noqa: BLE001 - a payload that does not decode is malformed, whatever the cause
+        return f"control variate does not decode: {exc}"
+    problem = tensor_problem(control, expected, {}, 0.0)
+    return None if problem is None else "control variate: " + problem.replace("adapter keys", "keys")
 
 
 def tensor_problem(

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from fedswarm.common.config import FederationConfig
 from fedswarm.common.errors import FedswarmError
 from fedswarm.server.coordinator.round_plan import NodeBook
-from fedswarm.server.coordinator.run_dir import RunDir
+from fedswarm.server.coordinator.run_dir import CONTROL_FILE, RunDir
 
 if TYPE_CHECKING:
     import torch
@@ -35,6 +35,7 @@ class Resumed:
     state: dict[str, torch.Tensor]  # the global adapter after that round
     book: NodeBook
     strategy_state: dict[str, Any]
+    control: dict[str, torch.Tensor] | None  # SCAFFOLD's c after that round (--scaffold runs)
     rows: list[dict[str, Any]]  # metrics.jsonl rows up to that round, round 0 included
 
 
@@ -60,6 +61,7 @@ def load_resume(folder: str, requested: FederationConfig) -> Resumed:
         state=_load_adapter(checkpoint / "adapter_model.safetensors", folder),
         book=NodeBook.from_json(saved.get("nodes", {})),
         strategy_state=dict(saved.get("strategy", {})),
+        control=_load_control(run, last, folder) if cfg.scaffold else None,
         rows=[r for r in rows if r.get("round", 0) <= last],
     )
 
@@ -100,6 +102,16 @@ def strategy_state(strategy: Any) -> dict[str, Any]:
     if accountant is None or not hasattr(accountant, "state_dict"):
         return {}
     return {"central_accountant": accountant.state_dict()}
+
+
+def _load_control(run: RunDir, round_no: int, folder: str) -> dict[str, torch.Tensor]:
+    try:
+        control = run.read_control(round_no)
+    except (OSError, RuntimeError) as exc:
+        raise FedswarmError(f"--resume {folder}: cannot read round {round_no}'s SCAFFOLD control ({exc})") from None
+    if control is None:
+        raise FedswarmError(f"--resume {folder}: round {round_no} has no SCAFFOLD control ({CONTROL_FILE})")
+    return control
 
 
 def _load_adapter(path: Path, folder: str) -> dict[str, torch.Tensor]:

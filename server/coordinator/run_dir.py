@@ -5,9 +5,14 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fedswarm.common.paths import atomic_dir, atomic_write_text
+
+if TYPE_CHECKING:
+    import torch
+
+CONTROL_FILE = "control.safetensors"  # SCAFFOLD's c in a checkpoint (not part of the PEFT adapter)
 
 
 class RunDir:
@@ -41,13 +46,29 @@ class RunDir:
         """Round counter and strategy state beside the round's adapter checkpoint."""
         atomic_write_text(self.checkpoint(round_no) / "state.json", json.dumps(_clean(state), indent=2))
 
+    def write_control(self, round_no: int, control: dict[str, torch.Tensor]) -> None:
+        """SCAFFOLD's ``c`` after the round, beside its adapter checkpoint (atomic)."""
+        from safetensors.torch import save_file
+
+        path = self.checkpoint(round_no) / CONTROL_FILE
+        tmp = path.with_name(f".{CONTROL_FILE}.tmp")
+        save_file({k: v.contiguous() for k, v in control.items()}, str(tmp))
+        tmp.replace(path)
+
+    def read_control(self, round_no: int) -> dict[str, torch.Tensor] | None:
+        """The round's SCAFFOLD ``c``, or None when the round kept none."""
+        from safetensors.torch import load_file
+
+        path = self.checkpoint(round_no) / CONTROL_FILE
+        return load_file(str(path)) if path.is_file() else None
+
     def publish_adapter(self, round_no: int) -> None:
         """Copy the round's checkpoint to ``adapter/`` (final, PEFT format)."""
         import shutil
 
         with atomic_dir(self.root / "adapter") as tmp:
             for item in self.checkpoint(round_no).iterdir():
-                if item.name != "state.json":
+                if item.name not in ("state.json", CONTROL_FILE):
                     shutil.copy2(item, tmp / item.name)
 
     def plot_curves(self) -> None:
