@@ -87,6 +87,18 @@ def federated(args: argparse.Namespace, extra: list[str], out: Path) -> list[dic
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
+def constant_answer(args: argparse.Namespace) -> float:
+    """Accuracy of always giving the held-out split's commonest label: the floor a classifier must beat."""
+    from collections import Counter
+
+    from fedswarm.common.data import load_examples
+    from fedswarm.common.splits import holdout_split
+
+    records = load_examples(args.data)
+    labels = [records[i].label for i in holdout_split(len(records), args.eval_size, args.seed).holdout]
+    return Counter(labels).most_common(1)[0][1] / len(labels)
+
+
 def one_seed(args: argparse.Namespace, wanted: set[str]) -> dict[str, tuple[float, float, str]]:
     """Every wanted variant at ``args.seed``: round-0 accuracy, final accuracy, notes; prints the table."""
     results: dict[str, tuple[float, float, str]] = {}
@@ -117,6 +129,7 @@ def one_seed(args: argparse.Namespace, wanted: set[str]) -> dict[str, tuple[floa
         f"\n{args.model} on {args.data}, {steps} total steps, partition {args.partition}, {args.eval_size} held out,"
         f" server lr {args.server_lr:g}, seed {args.seed}"
     )
+    print(f"a constant answer scores {constant_answer(args):.3f} here (the held-out share of the commonest label)")
     print(f"{'variant':<26} {'round 0':>8} {'final':>8} {'gain':>8} {'gain / (a)':>11}  notes")
     base = results.get("(a) centralised")
     base_gain = base[1] - base[0] if base else None
