@@ -50,6 +50,9 @@ class DriftCorrection:
             self.correction = {k: (server[k].float() - own[k].float()).to(p.device) for k, p in self.params.items()}
 
     def __call__(self, *_: object) -> None:
+        grads = {k: p.grad for k, p in self.params.items() if p.grad is not None}
+        if not all(bool(g.isfinite().all()) for g in grads.values()):
+            return  # an fp16 overflow: the gradient scaler skips this step, and c_i leaves it out too
         for key, param in self.params.items():
             if param.grad is None:
                 continue
