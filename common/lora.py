@@ -52,27 +52,27 @@ def load_adapter_state(model: PeftModel, state: Mapping[str, torch.Tensor]) -> N
     """Copy ``state`` into the model's adapter, refusing missing, extra or mis-shaped tensors."""
     import torch
 
-    current = adapter_state(model)
-    missing = sorted(set(current) - set(state))
-    extra = sorted(set(state) - set(current))
+    params = lora_parameters(model)
+    missing = sorted(set(params) - set(state))
+    extra = sorted(set(state) - set(params))
     if missing or extra:
         raise ValueError(f"adapter keys differ: missing {missing[:3]}..., unexpected {extra[:3]}...")
     for name, tensor in state.items():
-        if tuple(tensor.shape) != tuple(current[name].shape):
+        if tuple(tensor.shape) != tuple(params[name].shape):
             raise ValueError(
-                f"adapter tensor {name} has shape {tuple(tensor.shape)}, expected {tuple(current[name].shape)}"
+                f"adapter tensor {name} has shape {tuple(tensor.shape)}, expected {tuple(params[name].shape)}"
             )
-    named = {n: p for n, p in model.named_parameters() if "lora_" in n}
     with torch.no_grad():
         for name, tensor in state.items():
-            target = named[_param_name(name, model.active_adapter)]
-            target.copy_(tensor.to(target.dtype))
+            params[name].copy_(tensor.to(params[name].dtype))
 
 
 def lora_parameters(model: PeftModel) -> dict[str, torch.nn.Parameter]:
     """The adapter's parameters, keyed like ``adapter_state`` (the very tensors, not copies)."""
+    from peft import get_peft_model_state_dict
+
     named = dict(model.named_parameters())
-    return {k: named[_param_name(k, model.active_adapter)] for k in adapter_state(model)}
+    return {k: named[_param_name(k, model.active_adapter)] for k in get_peft_model_state_dict(model)}
 
 
 def _param_name(state_key: str, adapter: str) -> str:

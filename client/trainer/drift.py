@@ -53,12 +53,10 @@ class DriftCorrection:
         grads = {k: p.grad for k, p in self.params.items() if p.grad is not None}
         if not all(bool(g.isfinite().all()) for g in grads.values()):
             return  # an fp16 overflow: the gradient scaler skips this step, and c_i leaves it out too
-        for key, param in self.params.items():
-            if param.grad is None:
-                continue
-            self.sums[key] += param.grad.detach().float()
+        for key, grad in grads.items():
+            self.sums[key] += grad.detach().float()
             if self.correction is not None:
-                param.grad.add_(self.correction[key].to(param.grad.dtype))
+                grad.add_(self.correction[key].to(grad.dtype))
         self.steps += 1
 
     def control(self) -> dict[str, torch.Tensor]:

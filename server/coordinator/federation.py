@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import asdict, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
@@ -29,6 +29,9 @@ from fedswarm.server.coordinator.round_plan import (
 from fedswarm.server.coordinator.rounds import Collected, send_and_collect, wait_for_nodes
 from fedswarm.server.coordinator.run_dir import RunDir
 from fedswarm.server.coordinator.strategy import build_strategy
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger("fedswarm")
 
@@ -61,7 +64,7 @@ def run_federation(grid: Grid, cfg: FederationConfig) -> dict[str, Any]:
         config = ConfigRecord({**cfg.to_run_config(), "server-round": round_no})
         arrays = ArrayRecord(outgoing_state(cfg, state, None))
         messages = personalise(strategy.configure_train(round_no, arrays, config, grid), cfg, state, book)
-        attach_control(messages, control if cfg.scaffold else None)
+        attach_control(messages, control)  # None unless --scaffold, and before round 1's c
         sent = {int(m.metadata.dst_node_id): m.content["arrays"].to_torch_state_dict() for m in messages}
         collected = send_and_collect(grid, messages, cfg.round_timeout, _progress(round_no))
         screened = screen_replies(collected.replies, cfg, sent, round_no)
@@ -231,7 +234,7 @@ def _client_detail(reply: Message) -> dict[str, Any]:
 
 def _commit(
     run: RunDir, evaluator: CentralEvaluator, state: dict, round_no: int, row: dict, cfg: Any, book: NodeBook,
-    strategy: dict[str, Any], control: dict[str, Any] | None = None,
+    strategy: dict[str, Any], control: dict[str, torch.Tensor] | None = None,
 ) -> None:  # fmt: skip
     """Checkpoint first, metrics line second: a metrics line always has its checkpoint."""
     from fedswarm.common.lora import save_adapter
