@@ -69,6 +69,11 @@ class FederationConfig:
     round_timeout: float = option(3600.0, "seconds a round waits for replies; late nodes count as failures")
     max_update_norm: float = option(0.0, "reject an update farther than this (L2) from the sent adapter (0: off)")
     resume: str = option("", "continue the run in this folder from its last completed round's checkpoint")
+    resume_given: str = option(
+        "",
+        "with --resume: the settings given explicitly, comma-separated (the fedswarm CLI fills this in; "
+        "empty: those not at their default)",
+    )
     cpus_per_client: float = option(1.0, "CPU cores reserved per virtual client (Ray); torch threads per client")
     gpus_per_client: float = option(
         -1.0, "GPUs per virtual client (Ray; 0.25: four share a GPU); -1: 0.25 with CUDA, else 0"
@@ -164,6 +169,36 @@ def _coerce(default: Any, value: Any) -> Any:
     return type(default)(value) if default is not None else value
 
 
+GIVEN = "_given_options"  # Namespace attribute: the dests of the options given on the command line
+
+
+def _mark_given(namespace: argparse.Namespace, dest: str) -> None:
+    vars(namespace).setdefault(GIVEN, set()).add(dest)
+
+
+class _Store(argparse.Action):
+    """``store``, remembering that the option was given (a default cannot tell that apart)."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any, *_: Any) -> None:
+        setattr(namespace, self.dest, values)
+        _mark_given(namespace, self.dest)
+
+
+class _Toggle(argparse.BooleanOptionalAction):
+    """``--flag/--no-flag``, remembering that it was given."""
+
+    def __call__(
+        self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any, option_string: Any = None
+    ) -> None:
+        super().__call__(parser, namespace, values, option_string)
+        _mark_given(namespace, self.dest)
+
+
+def given_options(args: argparse.Namespace) -> set[str]:
+    """Field names of the options given on the command line (``add_arguments`` options only)."""
+    return set(vars(args).get(GIVEN, ()))
+
+
 def add_arguments(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:
     """One ``--kebab-case`` option per dataclass field, typed and documented from it."""
     for f in fields(cls):
@@ -173,7 +208,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, .
         if isinstance(default, bool):
             parser.add_argument(
                 f"--{f.name.replace('_', '-')}",
-                action=argparse.BooleanOptionalAction,
+                action=_Toggle,
                 default=default,
                 help=f.metadata.get("help", ""),
             )
@@ -182,6 +217,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, .
         parser.add_argument(
             f"--{f.name.replace('_', '-')}",
             type=kind,
+            action=_Store,
             default=default,
             help=f"{f.metadata.get('help', '')} (default: {default})",
         )
@@ -190,3 +226,11 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, .
 def from_args(cls: type[T], args: argparse.Namespace) -> T:
     names = {f.name for f in fields(cls)}  # type: ignore[arg-type]
     return cls(**{k: v for k, v in vars(args).items() if k in names})
+
+
+def federation_from_args(args: argparse.Namespace) -> FederationConfig:
+    """The CLI's run config; with ``--resume``, ``resume_given`` names the settings typed (so a default counts)."""
+    cfg = from_args(FederationConfig, args)
+    if cfg.resume and not cfg.resume_given:
+        cfg = dataclasses.replace(cfg, resume_given=",".join(sorted(given_options(args))))
+    return cfg

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import replace
 
-from fedswarm.common.config import FederationConfig, add_arguments, from_args
+from fedswarm.common.config import FederationConfig, add_arguments, federation_from_args
 
 AUTO_GPU_SHARE = 0.25
 
@@ -27,7 +27,7 @@ def run(args: argparse.Namespace) -> int:
     from fedswarm.simulation.engine import run_simulation
     from fedswarm.simulation.partition import parse_partition
 
-    cfg = from_args(FederationConfig, args)
+    cfg = federation_from_args(args)
     parse_model(cfg.model)  # fail here, in one line, before Ray starts
     resolve_data(cfg.data)
     parse_partition(cfg.partition)

@@ -89,7 +89,11 @@ def test_run_passes_only_the_settings_given_and_the_app_knows_every_key(tmp_path
 
     parser = __import__("fedswarm.common.cli", fromlist=["build_parser"]).build_parser()
     args = parser.parse_args(["run", "--federation", "f", "--rounds", "5", "--min-clients", "2", "--resume", "r1"])
-    assert run_overrides(args) == {"num-server-rounds": 5, "min-clients": 2, "resume": "r1"}
+    assert run_overrides(args) == {  # resuming: the coordinator is told which settings were typed
+        "num-server-rounds": 5, "min-clients": 2, "resume": "r1", "resume-given": "min_clients,resume,rounds"
+    }  # fmt: skip
+    args = parser.parse_args(["run", "--federation", "f", "--rounds", "5"])
+    assert run_overrides(args) == {"num-server-rounds": 5}
     app_config = app_pyproject()["tool"]["flwr"]["app"]["config"]
     assert app_config == FederationConfig().to_run_config()
     project = tomllib.loads(Path(__file__).parents[1].joinpath("pyproject.toml").read_text())

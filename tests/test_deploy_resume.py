@@ -57,6 +57,26 @@ def test_resume_may_change_operational_settings_only():
         merge_config(saved, FederationConfig(learning_rate=0.5), "run")
 
 
+def test_resume_applies_a_typed_setting_even_at_its_default():
+    from fedswarm.common.cli import build_parser
+    from fedswarm.common.config import federation_from_args
+
+    saved = asdict(FederationConfig(model="tiny", rounds=2, min_clients=3, lora_rank=4))
+    parser = build_parser()
+    typed = federation_from_args(parser.parse_args(["simulate", "--resume", "run", "--rounds", "3"]))
+    assert typed.resume_given == "resume,rounds"
+    assert merge_config(saved, typed, "run").rounds == 3  # 3 is the default, asked for all the same
+    assert merge_config(saved, typed, "run").min_clients == 3  # not typed: the run's own value
+    untyped = FederationConfig(resume="run", rounds=3)  # e.g. flwr run with every key: defaults cannot count
+    assert merge_config(saved, untyped, "run").rounds == 2
+    toggled = federation_from_args(parser.parse_args(["simulate", "--resume", "run", "--no-dp", "--lora-rank", "8"]))
+    assert toggled.resume_given == "dp,lora_rank,resume"
+    with pytest.raises(FedswarmError, match="--lora-rank 8 differs from the run's 4"):
+        merge_config(saved, toggled, "run")  # typed, so refused, although 8 is the default
+    fresh = federation_from_args(parser.parse_args(["simulate", "--rounds", "3"]))
+    assert fresh.resume_given == ""  # only a resume lists what was typed
+
+
 def test_resume_refuses_folders_without_a_completed_round(tmp_path):
     with pytest.raises(FedswarmError, match="not a run folder"):
         load_resume(str(tmp_path / "nothing"), FederationConfig())

@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 
 # Settings a resumed run may change: how long it runs and how it treats nodes, not what it learns.
 OPERATIONAL = ("rounds", "round_timeout", "min_clients", "max_update_norm", "device", "fraction_evaluate")
-IGNORED = ("resume", "out")
+IGNORED = ("resume", "out", "resume_given")
 
 
 @dataclass
@@ -67,13 +67,19 @@ def load_resume(folder: str, requested: FederationConfig) -> Resumed:
 
 
 def merge_config(saved: dict[str, Any], requested: FederationConfig, folder: str) -> FederationConfig:
-    """The saved settings, with the operational ones the resume asks for (those not at their default)."""
+    """The saved settings, with the operational ones the resume asks for.
+
+    Asked for: those in ``requested.resume_given`` (the CLI lists what was typed, so asking for
+    a default value works); without that list, those not at their default.
+    """
     defaults = FederationConfig()
     known = {f.name for f in fields(FederationConfig)}
     merged = {k: v for k, v in saved.items() if k in known}
+    typed = {name.strip().replace("-", "_") for name in requested.resume_given.split(",")} - {""}
     for f in fields(FederationConfig):
         asked, default = getattr(requested, f.name), getattr(defaults, f.name)
-        if f.name in IGNORED or asked == default or asked == merged.get(f.name, default):
+        wanted = f.name in typed if typed else asked != default
+        if f.name in IGNORED or not wanted or asked == merged.get(f.name, default):
             continue
         if f.name not in OPERATIONAL:
             flag = "--" + f.name.replace("_", "-")
@@ -82,7 +88,7 @@ def merge_config(saved: dict[str, Any], requested: FederationConfig, folder: str
                 f"a resumed run may change only {', '.join('--' + n.replace('_', '-') for n in OPERATIONAL)}"
             )
         merged[f.name] = asked
-    merged.update(out=folder, resume=folder)
+    merged.update(out=folder, resume=folder, resume_given=requested.resume_given)
     try:
         return dataclasses.replace(defaults, **merged)
     except (TypeError, ValueError) as exc:

@@ -58,6 +58,8 @@ def run_overrides(args: argparse.Namespace) -> dict[str, Any]:
     given = {f.name: getattr(args, f.name) for f in fields(FederationConfig) if hasattr(args, f.name)}
     if not given.get("resume"):
         FederationConfig(**given)  # ValueError naming the option, before anything is submitted
+    elif "resume_given" not in given:  # the coordinator then applies exactly these, defaults included
+        given["resume_given"] = ",".join(sorted(given))
     return {run_key(name): value for name, value in given.items()}
 
 
