@@ -8,6 +8,7 @@ rounds x local steps, same batch size) and is evaluated on the same held-out spl
   (c) ffa (A frozen at the shared seed);  (d) svd;
   (e) ffa with local DP-SGD at epsilon 8, delta 1e-5;
   (f) fedavg, (g) ffa and (h) ffa + DP eps 8, each with SCAFFOLD drift correction (--scaffold);
+  (j) ffa with label-balanced local batches (--balance-labels);
   (i) centralised with the same examples in rounds x local steps steps of clients x batch size:
       what averaging IID clients approximates (as many sequential updates as the federation).
 
@@ -35,6 +36,7 @@ VARIANTS = {
     "(f) fedavg + scaffold": ["--aggregation", "fedavg", "--scaffold"],
     "(g) ffa + scaffold": ["--aggregation", "ffa", "--scaffold"],
     "(h) ffa + scaffold + DP 8": ["--aggregation", "ffa", "--scaffold", *DP8],
+    "(j) ffa + balanced labels": ["--aggregation", "ffa", "--balance-labels"],
 }
 LARGE_BATCH = "(i) centralised, big batch"
 DP_PAIRS = (("(e) ffa + DP eps 8", "(c) ffa"), ("(h) ffa + scaffold + DP 8", "(g) ffa + scaffold"))
@@ -159,7 +161,7 @@ def main() -> None:
     parser.add_argument("--server-lr", type=float, default=1.0, help="federated variants' server learning rate")
     parser.add_argument("--only", default="", help="comma-separated variant letters to run, e.g. a,b (default: all)")
     args = parser.parse_args()
-    wanted = set(args.only.split(",")) if args.only else set("abcdefghi")
+    wanted = set(args.only.split(",")) if args.only else set("abcdefghij")
     seeds = [int(s) for s in args.seeds.split(",")]
 
     ratios: dict[str, list[float]] = {}

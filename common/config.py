@@ -53,6 +53,11 @@ class FederationConfig:
     scaffold: bool = option(
         False, "SCAFFOLD drift correction for non-IID nodes: each local step follows g - c_i + c (fedavg, ffa)"
     )
+    balance_labels: bool = option(
+        False,
+        "label-balanced local batches: each step draws the node's labels equally often, so nodes with skewed "
+        "labels train the same objective (labelled data; not with --dp)",
+    )
     global_rank: int = option(0, "svd: rank of the global adapter (0: the largest client rank)")
     client_ranks: str = option("", "simulation: LoRA rank per partition, e.g. 4,8,16 (cycled); default --lora-rank")
     dp: bool = option(False, "train each client's LoRA with Opacus DP-SGD (Poisson sampling, per-sample clipping)")
@@ -112,6 +117,11 @@ class FederationConfig:
             raise ValueError(
                 "--scaffold with --central-dp would send each node's mean gradient (c_i) outside the central DP "
                 "guarantee; use --dp (local DP covers c_i) or drop one of them"
+            )
+        if self.balance_labels and self.dp:
+            raise ValueError(
+                "--balance-labels draws a rare label's examples more often than --dp's Poisson sampling "
+                "accounts for; use one of them"
             )
         if self.central_dp and self.aggregation == "svd":
             raise ValueError("--central-dp works with --aggregation fedavg or ffa (it wraps FedAvg)")

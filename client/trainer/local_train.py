@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -13,10 +14,14 @@ import numpy as np
 from fedswarm.common.batches import answer_loss, collate, encode, to_device
 from fedswarm.common.data import Example
 from fedswarm.common.device import autocast_for
+from fedswarm.common.errors import FedswarmError
 
 if TYPE_CHECKING:
     from peft import PeftModel
     from transformers import PreTrainedTokenizerBase
+
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -37,11 +42,13 @@ def train_lora(
     seed: int,
     precision: str = "auto",
     on_grads: Callable[[], None] | None = None,
+    balance: bool = False,
 ) -> TrainResult:
     """Train the adapter for ``steps`` steps on batches drawn (seeded) from ``examples``.
 
     ``on_grads`` runs at every step once the (unscaled) gradients are in place, before the
-    optimizer reads them (SCAFFOLD's correction, ``drift.py``).
+    optimizer reads them (SCAFFOLD's correction, ``drift.py``). ``balance``: label-balanced
+    batches (``draw_order``).
     """
     import torch
 
@@ -51,8 +58,7 @@ def train_lora(
     if not params:
         raise RuntimeError("the model has no trainable (LoRA) parameters")
     optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=0.0)
-    rng = np.random.default_rng(seed)
-    order = rng.permutation(len(examples))
+    order = draw_order(examples, steps * batch_size, seed, balance)
     pad = int(tokenizer.pad_token_id)
     device = params[0].device
     cast, scaler = autocast_for(device.type, precision)
@@ -82,3 +88,26 @@ def train_lora(
         losses.append(value)
     model.eval()
     return TrainResult(float(np.mean(losses)), steps, time.perf_counter() - started)
+
+
+def draw_order(examples: Sequence[Example], count: int, seed: int, balance: bool = False) -> np.ndarray:
+    """Indices of the examples the steps take, in turn (cycled when fewer than ``count``): a seeded permutation.
+
+    ``balance``: slot j takes the next example (in that permutation) of the j-th label in
+    turn, so every label is drawn equally often, a rare one's examples repeating when they
+    run out. Under label skew each node's expected gradient is then that of the balanced
+    objective, which is the same on every node when only the label mix differs between them.
+    """
+    order = np.random.default_rng(seed).permutation(len(examples))
+    if not balance:
+        return order
+    by_label: dict[str, list[int]] = {}
+    for i in order.tolist():
+        label = examples[i].label
+        if label is None:
+            raise FedswarmError("--balance-labels needs labelled examples; this node's data has unlabelled ones")
+        by_label.setdefault(label, []).append(i)
+    pools = [by_label[label] for label in sorted(by_label)]
+    if len(pools) == 1:
+        log.warning("--balance-labels: this node holds one label only, so its batches cannot be balanced")
+    return np.array([pools[j % len(pools)][(j // len(pools)) % len(pools[j % len(pools)])] for j in range(count)])

@@ -74,7 +74,7 @@ def train_round(
 
     result = train_lora(
         model, tokenizer, shard.train, cfg.local_steps, cfg.batch_size, cfg.learning_rate,
-        cfg.max_seq_len, seed, cfg.precision, on_grads,
+        cfg.max_seq_len, seed, cfg.precision, on_grads, cfg.balance_labels,
     )  # fmt: skip
     metrics = {"train-loss": result.loss, "steps": result.steps, "seconds": result.seconds}
     return RoundOutput(outgoing(model, cfg), metrics, None)
