@@ -110,4 +110,5 @@ def draw_order(examples: Sequence[Example], count: int, seed: int, balance: bool
     pools = [by_label[label] for label in sorted(by_label)]
     if len(pools) == 1:
         log.warning("--balance-labels: this node holds one label only, so its batches cannot be balanced")
-    return np.array([pools[j % len(pools)][(j // len(pools)) % len(pools[j % len(pools)])] for j in range(count)])
+    n = len(pools)  # slot j: label j % n, that label's (j // n)-th draw
+    return np.array([pools[j % n][(j // n) % len(pools[j % n])] for j in range(count)])

@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from fedswarm.common.config import FederationConfig, add_arguments, run_key
+from fedswarm.common.config import FederationConfig, add_arguments, given_options, run_key
 from fedswarm.common.errors import FedswarmError
 
 SERVER_APP = "fedswarm.server.coordinator.app:app"
@@ -38,24 +38,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--insecure", action="store_true", help="with --coordinator: no TLS")
     parser.add_argument("--flwr-home", help="Flower's config folder (default: $FLWR_HOME, else ~/.flwr)")
     add_arguments(parser, FederationConfig)
-    names = {f"--{name}" for name in _fields()}
-    for action in parser._actions:  # only what the user gives goes into --run-config
-        if any(opt in names for opt in action.option_strings):
-            action.default = argparse.SUPPRESS
     parser.set_defaults(handler=run_submit)
-
-
-def _fields() -> list[str]:
-    from dataclasses import fields
-
-    return [f.name.replace("_", "-") for f in fields(FederationConfig)]
 
 
 def run_overrides(args: argparse.Namespace) -> dict[str, Any]:
     """The run-config keys the user set, checked as a whole unless resuming (the run's own settings fill in)."""
-    from dataclasses import fields
-
-    given = {f.name: getattr(args, f.name) for f in fields(FederationConfig) if hasattr(args, f.name)}
+    given = {name: getattr(args, name) for name in sorted(given_options(args))}  # only these go into --run-config
     if not given.get("resume"):
         FederationConfig(**given)  # ValueError naming the option, before anything is submitted
     elif "resume_given" not in given:  # the coordinator then applies exactly these, defaults included
