@@ -15,7 +15,8 @@ rounds x local steps, same batch size) and is evaluated on the same held-out spl
     .venv/bin/python bench/utility.py [--clients 4 --rounds 3 --local-steps 8 --partition dirichlet:0.5]
     .venv/bin/python bench/utility.py --only a,c,g --seeds 0,1   # a subset, over two seeds
 
-Prints the table (per seed) and each gain's ratio to (a); over several seeds, the mean ratios.
+Prints the table (per seed) and each gain's ratio to (a); over several seeds, each variant's
+mean gain and its ratio to (a)'s mean gain (the goals' figure), with every seed's ratio.
 """
 
 from __future__ import annotations
@@ -164,19 +165,35 @@ def main() -> None:
     wanted = set(args.only.split(",")) if args.only else set("abcdefghij")
     seeds = [int(s) for s in args.seeds.split(",")]
 
-    ratios: dict[str, list[float]] = {}
+    gains: dict[str, list[float]] = {}
     for seed in seeds:
         args.seed = seed
-        results = one_seed(args, wanted)
-        base = results.get("(a) centralised")
-        if base and base[1] > base[0]:
-            for name, (before, after, _) in results.items():
-                ratios.setdefault(name, []).append((after - before) / (base[1] - base[0]))
-    if len(seeds) > 1 and ratios:
-        print(f"gain / (a) over seeds {args.seeds} (each seed: its own centralised run):")
-        for name, values in ratios.items():
-            mean = sum(values) / len(values)
-            print(f"{name:<26} mean {mean:.2f}  min {min(values):.2f}  (" + ", ".join(f"{v:.2f}" for v in values) + ")")
+        for name, (before, after, _) in one_seed(args, wanted).items():
+            gains.setdefault(name, []).append(after - before)
+    if len(seeds) > 1:
+        print(seed_summary(gains, args.seeds))
+
+
+def seed_summary(gains: dict[str, list[float]], seeds: str) -> str:
+    """Each variant's mean gain over the seeds, its ratio to (a)'s mean gain, and the per-seed ratios.
+
+    The ratio of means is the figure the goals are read from: one seed's accuracy at 200 held
+    out moves by about 0.035 per standard error, and a ratio of two such numbers by more.
+    """
+    base = gains.get("(a) centralised")
+    lines = [f"over seeds {seeds}: mean gain, its ratio to (a)'s mean gain, and each seed's gain / (a)"]
+    for name, values in gains.items():
+        mean = sum(values) / len(values)
+        line = f"{name:<26} mean gain {mean:.3f}"
+        if base and len(base) == len(values) and sum(base) > 0:
+            line += f"  mean / (a) {mean / (sum(base) / len(base)):.2f}  per seed ("
+            line += ", ".join(f"{v / b:.2f}" if b > 0 else "-" for v, b in zip(values, base, strict=True)) + ")"
+        lines.append(line)
+    for private, plain in DP_PAIRS:
+        if gains.get(private) and gains.get(plain) and sum(gains[plain]) > 0:
+            kept = sum(gains[private]) / sum(gains[plain])
+            lines.append(f"{private} keeps {kept:.2f} of {plain}'s mean gain (goal >= 0.75)")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
