@@ -185,7 +185,7 @@ def seed_summary(gains: dict[str, list[float]], seeds: str) -> str:
     for name, values in gains.items():
         mean = sum(values) / len(values)
         line = f"{name:<26} mean gain {mean:.3f}"
-        if base and len(base) == len(values) and sum(base) > 0:
+        if base and sum(base) > 0:  # every variant ran every seed (a failed run stops the bench)
             line += f"  mean / (a) {mean / (sum(base) / len(base)):.2f}  per seed ("
             line += ", ".join(f"{v / b:.2f}" if b > 0 else "-" for v, b in zip(values, base, strict=True)) + ")"
         lines.append(line)
