@@ -73,12 +73,19 @@ def answer_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tup
     return base.get_output_embeddings()(hidden[:, :-1][keep]), targets[keep]
 
 
+def _upcast(logits: torch.Tensor) -> torch.Tensor:
+    """Half-precision logits to float32 for the loss; float32 and float64 stay as they are."""
+    import torch
+
+    return logits.to(torch.promote_types(logits.dtype, torch.float32))
+
+
 def answer_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Mean cross-entropy over the answer tokens of the batch."""
     import torch.nn.functional as F
 
     logits, targets = answer_logits(model, batch)
-    return F.cross_entropy(logits.float(), targets)
+    return F.cross_entropy(_upcast(logits), targets)
 
 
 def per_sample_answer_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -90,7 +97,7 @@ def per_sample_answer_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor
     import torch.nn.functional as F
 
     logits, targets = answer_logits(model, batch)
-    token_loss = F.cross_entropy(logits.float(), targets, reduction="none")
+    token_loss = F.cross_entropy(_upcast(logits), targets, reduction="none")
     counts = (batch["labels"][:, 1:] != IGNORE_INDEX).sum(1)
     rows = torch.repeat_interleave(torch.arange(counts.numel()), counts)
     sums = torch.zeros(counts.numel(), dtype=token_loss.dtype).index_add(0, rows, token_loss)
