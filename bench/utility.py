@@ -6,11 +6,18 @@ rounds x local steps, same batch size) and is evaluated on the same held-out spl
   (a) centralised: one process, all training data, one AdamW run;
   (b) federated fedavg, non-IID (Dirichlet label skew);
   (c) ffa (A frozen at the shared seed);  (d) svd;
-  (e) ffa with local DP-SGD at epsilon 8, delta 1e-5;
+  (e) ffa with local DP-SGD at epsilon 8, delta 1e-5, the old recipe (expected batch 8, rank 8, RDP);
   (f) fedavg, (g) ffa and (h) ffa + DP eps 8, each with SCAFFOLD drift correction (--scaffold);
   (j) ffa with label-balanced local batches (--balance-labels);
   (i) centralised with the same examples in rounds x local steps steps of clients x batch size:
-      what averaging IID clients approximates (as many sequential updates as the federation).
+      what averaging IID clients approximates (as many sequential updates as the federation);
+  (k), (l), (m) ffa with label-balanced local DP (per-label Poisson rates) at epsilon 8, 3 and 1,
+      the DP defaults (expected private batch 32 in micro-batches of 8, rank 2, AdamW, PRV);
+  (n) the same at epsilon 8 without label balancing.
+
+Utility is read as the margin over the constant answer (accuracy minus the held-out share of
+the commonest label on that seed's split): round 0 scores 0 only because the base model
+never answers in the label format.
 
     .venv/bin/python bench/utility.py [--clients 4 --rounds 3 --local-steps 8 --partition dirichlet:0.5]
     .venv/bin/python bench/utility.py --only a,c,g --seeds 0,1   # a subset, over two seeds
@@ -29,16 +36,23 @@ import tempfile
 from pathlib import Path
 
 DP8 = ["--dp", "--epsilon", "8", "--delta", "1e-5"]
+OLD_DP = ["--dp-batch-size", "8", "--lora-rank", "8", "--accountant", "rdp"]  # before the DP recipe
 VARIANTS = {
     "(b) fedavg": ["--aggregation", "fedavg"],
     "(c) ffa": ["--aggregation", "ffa"],
     "(d) svd": ["--aggregation", "svd"],
-    "(e) ffa + DP eps 8": ["--aggregation", "ffa", *DP8],
+    "(e) ffa + DP eps 8": ["--aggregation", "ffa", *DP8, *OLD_DP],
     "(f) fedavg + scaffold": ["--aggregation", "fedavg", "--scaffold"],
     "(g) ffa + scaffold": ["--aggregation", "ffa", "--scaffold"],
-    "(h) ffa + scaffold + DP 8": ["--aggregation", "ffa", "--scaffold", *DP8],
+    "(h) ffa + scaffold + DP 8": ["--aggregation", "ffa", "--scaffold", *DP8, *OLD_DP],
     "(j) ffa + balanced labels": ["--aggregation", "ffa", "--balance-labels"],
+    "(k) balanced ffa + DP 8": ["--aggregation", "ffa", "--balance-labels", *DP8],
+    "(l) balanced ffa + DP 3": ["--aggregation", "ffa", "--balance-labels", *DP8[:2], "3", *DP8[3:]],
+    "(m) balanced ffa + DP 1": ["--aggregation", "ffa", "--balance-labels", *DP8[:2], "1", *DP8[3:]],
+    "(n) ffa + DP 8": ["--aggregation", "ffa", *DP8],
 }
+REFERENCE = "(j) ffa + balanced labels"  # the best non-DP federated variant: the DP goal's yardstick
+DP_BATCH = 32  # FederationConfig's --dp-batch-size default, which the DP rows use
 LARGE_BATCH = "(i) centralised, big batch"
 DP_PAIRS = (("(e) ffa + DP eps 8", "(c) ffa"), ("(h) ffa + scaffold + DP 8", "(g) ffa + scaffold"))
 
@@ -108,10 +122,12 @@ def one_seed(args: argparse.Namespace, wanted: set[str]) -> dict[str, tuple[floa
     if "a" in wanted:
         before, after, note = centralised(args)
         results["(a) centralised"] = (before, after, note)
+        record(args, "(a) centralised", after, None, [])
         print(f"(a) centralised: {before:.3f} -> {after:.3f} {note}", flush=True)
     if "i" in wanted:
         before, after, note = centralised(args, large_batch=True)
         results[LARGE_BATCH] = (before, after, note)
+        record(args, LARGE_BATCH, after, None, [])
         print(f"{LARGE_BATCH}: {before:.3f} -> {after:.3f} {note}", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         for name, extra in VARIANTS.items():
@@ -125,6 +141,7 @@ def one_seed(args: argparse.Namespace, wanted: set[str]) -> dict[str, tuple[floa
             note += f", residual {last.get('aggregation_residual', 0):.1e}"
             note += f", epsilon {last['epsilon_max']:.2f}" if "epsilon_max" in last else ""
             results[name] = (before, after, note)
+            record(args, name, after, float(last["eval_loss"]), extra)
             print(f"{name}: {before:.3f} -> {after:.3f} {note}", flush=True)
 
     steps = args.clients * args.rounds * args.local_steps
@@ -148,6 +165,66 @@ def one_seed(args: argparse.Namespace, wanted: set[str]) -> dict[str, tuple[floa
     return results
 
 
+def example_gradients(args: argparse.Namespace, extra: list[str]) -> int:
+    """A variant's compute: example-gradients over the run (DP: expected, at most, as balancing caps rates)."""
+    batch = 8  # FederationConfig's --batch-size default
+    if "--dp" in extra:
+        batch = int(extra[extra.index("--dp-batch-size") + 1]) if "--dp-batch-size" in extra else DP_BATCH
+    return args.clients * args.rounds * args.local_steps * batch
+
+
+def record(args: argparse.Namespace, name: str, accuracy: float, loss: float | None, extra: list[str]) -> None:
+    """Append one (variant, seed) result to ``--results`` (a JSON-lines file several runs can share)."""
+    if not args.results:
+        return
+    row = {
+        "variant": name, "seed": args.seed, "accuracy": accuracy, "constant": constant_answer(args), "loss": loss,
+        "example_gradients": example_gradients(args, extra), "eval_size": args.eval_size,
+    }  # fmt: skip
+    with open(args.results, "a", encoding="utf-8") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def margin_summary(rows: list[dict]) -> str:
+    """Per variant: each seed's accuracy, constant answer and margin; the mean margin, its standard error,
+    its ratio to the reference's (with a delta-method standard error), held-out loss and compute."""
+    import statistics
+
+    by: dict[str, dict[int, dict]] = {}
+    for row in rows:  # the last result of a (variant, seed) counts
+        by.setdefault(row["variant"], {})[int(row["seed"])] = row
+
+    def mean_se(values: list[float]) -> tuple[float, float]:
+        m = statistics.fmean(values)
+        return m, (statistics.stdev(values) / len(values) ** 0.5 if len(values) > 1 else float("nan"))
+
+    ref = by.get(REFERENCE, {})
+    lines = ["margin = held-out accuracy - constant answer (the held-out share of the commonest label)"]
+    for name in sorted(by):
+        seeds = sorted(by[name])
+        margins = [by[name][s]["accuracy"] - by[name][s]["constant"] for s in seeds]
+        m, se = mean_se(margins)
+        losses = [by[name][s]["loss"] for s in seeds if by[name][s]["loss"] is not None]
+        per_seed = ", ".join(
+            f"s{s} {by[name][s]['accuracy']:.3f}-{by[name][s]['constant']:.3f}={mg:+.3f}"
+            for s, mg in zip(seeds, margins, strict=True)
+        )
+        line = f"{name:<26} mean margin {m:+.3f} ± {se:.3f} (n={len(seeds)})"
+        common = [s for s in seeds if s in ref]
+        if name != REFERENCE and common:
+            mine = [by[name][s]["accuracy"] - by[name][s]["constant"] for s in common]
+            theirs = [ref[s]["accuracy"] - ref[s]["constant"] for s in common]
+            (a, sa), (b, sb) = mean_se(mine), mean_se(theirs)
+            if b > 0:
+                ratio = a / b
+                rse = abs(ratio) * ((sa / a) ** 2 + (sb / b) ** 2) ** 0.5 if a and len(common) > 1 else float("nan")
+                line += f", / {REFERENCE[:3]} on seeds {common}: {ratio:.2f} ± {rse:.2f}"
+        line += f", loss {statistics.fmean(losses):.3f}" if losses else ""
+        line += f", example-gradients {by[name][seeds[0]]['example_gradients']}"
+        lines += [line, f"    {per_seed}"]
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
@@ -161,8 +238,12 @@ def main() -> None:
     parser.add_argument("--seeds", default="0", help="comma-separated: held-out split, partitions, init, batch order")
     parser.add_argument("--server-lr", type=float, default=1.0, help="federated variants' server learning rate")
     parser.add_argument("--only", default="", help="comma-separated variant letters to run, e.g. a,b (default: all)")
+    parser.add_argument(
+        "--results", default="", help="append every (variant, seed) result to this JSON-lines file and summarise "
+        "the margins over all of its rows (several runs may share one file)"
+    )  # fmt: skip
     args = parser.parse_args()
-    wanted = set(args.only.split(",")) if args.only else set("abcdefghij")
+    wanted = set(args.only.split(",")) if args.only else set("abcdefghijklmn")
     seeds = [int(s) for s in args.seeds.split(",")]
 
     gains: dict[str, list[float]] = {}
@@ -172,6 +253,9 @@ def main() -> None:
             gains.setdefault(name, []).append(after - before)
     if len(seeds) > 1:
         print(seed_summary(gains, args.seeds))
+    if args.results:
+        rows = [json.loads(line) for line in Path(args.results).read_text(encoding="utf-8").splitlines() if line]
+        print(margin_summary(rows))
 
 
 def seed_summary(gains: dict[str, list[float]], seeds: str) -> str:

@@ -16,6 +16,9 @@ from typing import Any, TypeVar
 T = TypeVar("T")
 
 FLOWER_KEYS = {"rounds": "num-server-rounds"}
+LORA_RANK = 8  # --lora-rank 0 without --dp
+DP_LORA_RANK = 2  # --lora-rank 0 with --dp: DP noise grows with the square root of the trainable weights
+DP_SGD_LEARNING_RATE = 0.5  # --dp-optimizer sgd without --dp-learning-rate (FFA-LoRA's DP-SGD range: 0.1-1.0)
 
 
 def option(default: Any, help: str) -> Any:
@@ -34,7 +37,7 @@ class FederationConfig:
     local_steps: int = option(12, "optimizer steps per client per round")
     batch_size: int = option(8, "examples per local step")
     learning_rate: float = option(2e-3, "AdamW learning rate")
-    lora_rank: int = option(8, "LoRA rank r")
+    lora_rank: int = option(0, "LoRA rank r (0: 8, or 2 under --dp, where fewer private weights carry less noise)")
     lora_alpha: float = option(16.0, "LoRA alpha (scale = alpha / r)")
     partition: str = option("iid", "iid or dirichlet:ALPHA (label skew)")
     seed: int = option(0, "seed of the held-out split, partitions, adapter init and batch order")
@@ -56,7 +59,8 @@ class FederationConfig:
     balance_labels: bool = option(
         False,
         "label-balanced local batches: each step draws the node's labels equally often, so nodes with skewed "
-        "labels train the same objective (labelled data; not with --dp)",
+        "labels train the same objective (labelled data; with --dp: per-label Poisson rates, accounted at the "
+        "largest)",
     )
     global_rank: int = option(0, "svd: rank of the global adapter (0: the largest client rank)")
     client_ranks: str = option("", "simulation: LoRA rank per partition, e.g. 4,8,16 (cycled); default --lora-rank")
@@ -65,6 +69,13 @@ class FederationConfig:
     epsilon: float = option(0.0, "DP budget per node: calibrate noise for it over all rounds; nodes stop at it")
     delta: float = option(1e-5, "DP delta")
     max_grad_norm: float = option(1.0, "DP per-sample L2 clipping bound")
+    dp_batch_size: int = option(
+        32, "DP: expected Poisson batch per step (sample rate = it / local examples), run in --batch-size micro-batches"
+    )
+    dp_optimizer: str = option("adam", "DP: adam (AdamW) or sgd, fed each step's clipped, noised mean gradient")
+    dp_learning_rate: float = option(0.0, "DP: optimizer learning rate (0: --learning-rate for adam, 0.5 for sgd)")
+    dp_momentum: float = option(0.9, "DP: momentum of --dp-optimizer sgd")
+    accountant: str = option("prv", "DP accountant for calibration and reports: prv (tighter) or rdp (Opacus)")
     dp_seed: int = option(-1, "seed of the DP noise (tests); -1: OS randomness")
     central_dp: bool = option(False, "server-side fixed-clipping DP on client updates (Flower's wrapper)")
     central_noise: float = option(1.0, "central DP noise multiplier")
@@ -87,7 +98,11 @@ class FederationConfig:
     out: str = option("", "run folder (default runs/run-DATE-TIME): metrics.jsonl, checkpoints, adapter/")
 
     def __post_init__(self) -> None:
-        positive = ("clients", "rounds", "local_steps", "batch_size", "lora_rank", "eval_size", "max_seq_len")
+        if self.lora_rank == 0:
+            self.lora_rank = DP_LORA_RANK if self.dp else LORA_RANK
+        positive = (
+            "clients", "rounds", "local_steps", "batch_size", "lora_rank", "eval_size", "max_seq_len", "dp_batch_size"
+        )  # fmt: skip
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
@@ -111,17 +126,20 @@ class FederationConfig:
             raise ValueError(f"--delta must be within (0, 1), got {self.delta}")
         if self.max_grad_norm <= 0 or self.central_clip <= 0:
             raise ValueError("--max-grad-norm and --central-clip must be > 0")
+        if self.dp_optimizer not in ("adam", "sgd"):
+            raise ValueError(f"--dp-optimizer must be adam or sgd, got {self.dp_optimizer!r}")
+        if self.dp_learning_rate < 0:
+            raise ValueError(f"--dp-learning-rate must be > 0 (or 0: the default), got {self.dp_learning_rate}")
+        if not 0 <= self.dp_momentum < 1:
+            raise ValueError(f"--dp-momentum must be within [0, 1), got {self.dp_momentum}")
+        if self.accountant not in ("rdp", "prv"):
+            raise ValueError(f"--accountant must be rdp or prv, got {self.accountant!r}")
         if self.scaffold and self.aggregation == "svd":
             raise ValueError("--scaffold works with --aggregation fedavg or ffa (svd re-bases the factors each round)")
         if self.scaffold and self.central_dp:
             raise ValueError(
                 "--scaffold with --central-dp would send each node's mean gradient (c_i) outside the central DP "
                 "guarantee; use --dp (local DP covers c_i) or drop one of them"
-            )
-        if self.balance_labels and self.dp:
-            raise ValueError(
-                "--balance-labels draws a rare label's examples more often than --dp's Poisson sampling "
-                "accounts for; use one of them"
             )
         if self.central_dp and self.aggregation == "svd":
             raise ValueError("--central-dp works with --aggregation fedavg or ffa (it wraps FedAvg)")
@@ -143,6 +161,10 @@ class FederationConfig:
         if any(r < 1 for r in ranks):
             raise ValueError(f"--client-ranks must be >= 1, got {self.client_ranks!r}")
         return ranks
+
+    def dp_lr(self) -> float:
+        """The DP optimizer's learning rate: ``--dp-learning-rate``, else its optimizer's default."""
+        return self.dp_learning_rate or (DP_SGD_LEARNING_RATE if self.dp_optimizer == "sgd" else self.learning_rate)
 
     def needed_clients(self) -> int:
         """Replies a round needs: ``--min-clients``, or every one of ``--clients`` when it is 0."""

@@ -23,6 +23,25 @@ def tiny_lora():
     return attach_lora(load_model("tiny"), rank=4, alpha=8.0, seed=0)
 
 
+def _rms_norm_in_input_dtype(self, hidden_states):
+    variance = hidden_states.pow(2).mean(-1, keepdim=True)
+    return self.weight * (hidden_states * __import__("torch").rsqrt(variance + self.variance_epsilon))
+
+
+@pytest.fixture()
+def tiny_lora_f64(tiny_lora, monkeypatch):
+    """The tiny LoRA model in float64, for exact invariants that float32 kernels only meet to their last bits.
+
+    Llama's RMSNorm computes in float32 whatever its input, so it is made to keep float64 here; SDPA
+    attention already does. On any CPU float64 round-off is ~1e-16 relative; float32 kernels (batched
+    vs alone, fused vs not) differ by ~1e-6 from one CPU to another (3.8e-6 seen on an AMD EPYC).
+    """
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    monkeypatch.setattr(LlamaRMSNorm, "forward", _rms_norm_in_input_dtype)
+    return tiny_lora.double()
+
+
 def write_jsonl(path: Path, records: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
     return path

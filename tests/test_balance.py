@@ -36,12 +36,11 @@ def test_unbalanced_order_is_the_seeded_permutation():
     assert draw_order(examples, 24, seed=3).tolist() == np.random.default_rng(3).permutation(12).tolist()
 
 
-def test_balance_needs_labels_and_refuses_dp():
+def test_balance_needs_labels():
     unlabelled = [Example((("user", "hi"),), "hello", None)] * 3
     with pytest.raises(FedswarmError, match="--balance-labels needs labelled examples"):
         draw_order(unlabelled, 4, seed=0, balance=True)
-    with pytest.raises(ValueError, match="--balance-labels draws a rare label's examples more often than --dp"):
-        FederationConfig(balance_labels=True, dp=True, epsilon=8.0)
+    FederationConfig(balance_labels=True, dp=True, epsilon=8.0)  # with DP: per-label Poisson rates (test_privacy)
 
 
 def test_balanced_training_does_not_learn_the_nodes_label_skew(tiny_lora, tokenizer):

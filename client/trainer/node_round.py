@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -89,12 +90,16 @@ def _train_dp(
     privacy_history: str | None,
     on_grads: Callable[[], None] | None,
 ) -> RoundOutput:
-    from fedswarm.client.trainer.privacy import Accountant, DpSettings, calibrate_noise, noise_generator, train_lora_dp
+    from fedswarm.client.trainer.privacy import Accountant, DpSettings, noise_generator, sample_rates, train_lora_dp
 
-    q = min(1.0, cfg.batch_size / len(shard.train))
-    sigma = cfg.noise_multiplier or calibrate_noise(cfg.epsilon, cfg.delta, q, cfg.rounds * cfg.local_steps)
-    settings = DpSettings(sigma, cfg.max_grad_norm, cfg.delta, cfg.epsilon, q)
-    accountant = Accountant.loads(privacy_history or "[]")
+    rates = sample_rates(shard.train, cfg.dp_batch_size, cfg.balance_labels)
+    q = float(rates.max())  # every example is accounted at the largest rate
+    sigma = cfg.noise_multiplier or _calibrated(cfg, q)
+    settings = DpSettings(
+        sigma, cfg.max_grad_norm, cfg.delta, cfg.epsilon, q, cfg.accountant, cfg.dp_optimizer, cfg.dp_momentum,
+        cfg.batch_size,
+    )  # fmt: skip
+    accountant = Accountant.loads(privacy_history or "[]", cfg.accountant)
     base = _privacy_metrics(settings, accountant.epsilon(cfg.delta), 0)
     if cfg.epsilon > 0:
         projected = accountant.epsilon(cfg.delta, extra=(sigma, q, cfg.local_steps))
@@ -103,8 +108,8 @@ def _train_dp(
             metrics = {**base, "declined": 1, "projected-epsilon": projected}
             return RoundOutput(None, metrics, accountant.dumps(), note)
     result = train_lora_dp(
-        model, tokenizer, shard.train, cfg.local_steps, cfg.learning_rate, cfg.max_seq_len, settings, accountant,
-        seed, noise_generator(None if cfg.dp_seed < 0 else cfg.dp_seed + seed, _device_of(model)), on_grads,
+        model, tokenizer, shard.train, cfg.local_steps, cfg.dp_lr(), cfg.max_seq_len, settings, accountant,
+        seed, noise_generator(None if cfg.dp_seed < 0 else cfg.dp_seed + seed, _device_of(model)), on_grads, rates,
     )  # fmt: skip
     metrics = {
         **_privacy_metrics(settings, result.epsilon, result.steps),
@@ -112,8 +117,21 @@ def _train_dp(
         "seconds": result.seconds,
         "empty-batches": result.empty_batches,
         "dp-steps-total": accountant.steps,
+        "expected-batch": float(rates.sum()),
     }
     return RoundOutput(outgoing(model, cfg), metrics, accountant.dumps())
+
+
+@functools.lru_cache(maxsize=64)
+def _noise_for(epsilon: float, delta: float, q: float, steps: int, accountant: str) -> float:
+    from fedswarm.client.trainer.privacy import calibrate_noise
+
+    return calibrate_noise(epsilon, delta, q, steps, accountant)
+
+
+def _calibrated(cfg: FederationConfig, q: float) -> float:
+    """The noise that spends ``--epsilon`` over every round's steps at rate ``q`` (cached: PRV takes seconds)."""
+    return _noise_for(cfg.epsilon, cfg.delta, q, cfg.rounds * cfg.local_steps, cfg.accountant)
 
 
 def _device_of(model: PeftModel) -> str:

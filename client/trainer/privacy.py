@@ -1,10 +1,13 @@
-"""DP-SGD on the LoRA parameters with Opacus, and the node's cumulative RDP accountant.
+"""DP-SGD on the LoRA parameters with Opacus, and the node's cumulative accountant (RDP or PRV).
 
 The accountant's history (noise multiplier, sample rate, steps) is kept in the node's
 persistent state between rounds, so epsilon accumulates instead of restarting with
 every new PrivacyEngine. Batches are Poisson-sampled (each example joins a step with
-probability q), which is what the RDP analysis assumes; an empty draw still takes a
-noisy step, as the analysis requires.
+its own probability, at most q), which is what the analysis assumes; an empty draw still
+takes a noisy step, as the analysis requires. One step's draw (the private batch) is
+processed in micro-batches whose per-example gradients are clipped and summed before
+the step's single noise draw (Opacus' skip-step accumulation, as in its
+BatchMemoryManager), so memory is that of a micro-batch and the accountant counts steps.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import numpy as np
 
 from fedswarm.common.batches import collate, encode, per_sample_answer_loss, to_device
 from fedswarm.common.data import Example
+from fedswarm.common.errors import FedswarmError
 
 if TYPE_CHECKING:
     import torch
@@ -34,21 +38,27 @@ class DpSettings:
     max_grad_norm: float  # per-sample L2 clipping bound C
     delta: float
     budget: float  # epsilon a node may reach; 0 = no budget
-    sample_rate: float  # q = expected batch / local examples
+    sample_rate: float  # q: the largest rate at which an example joins a step (what is accounted)
+    accountant: str = "rdp"  # rdp or prv (Opacus' accountants)
+    optimizer: str = "adam"  # adam (AdamW) or sgd, fed the clipped, noised mean gradient
+    momentum: float = 0.0  # sgd only
+    micro_batch: int = 0  # examples per forward/backward pass within one step (0: the whole draw)
+
+
+ACCOUNTANTS = ("rdp", "prv")
+PRV_EPS_ERROR = 0.01  # PRV's numerical epsilon tolerance (Opacus' default)
 
 
 @dataclass
 class Accountant:
-    """RDP accountant whose state is a plain list, so it can live in Flower's node state."""
+    """An Opacus accountant whose state is a plain list, so it can live in Flower's node state."""
 
     history: list[tuple[float, float, int]] = field(default_factory=list)  # (sigma, q, steps)
+    kind: str = "rdp"
 
     def epsilon(self, delta: float, extra: tuple[float, float, int] | None = None) -> float:
-        from opacus.accountants import RDPAccountant
-
-        accountant = RDPAccountant()
-        accountant.history = list(self.history) + ([extra] if extra else [])
-        return float(accountant.get_epsilon(delta)) if accountant.history else 0.0
+        history = list(self.history) + ([extra] if extra else [])
+        return epsilon_of(history, delta, self.kind)
 
     def record(self, sigma: float, q: float, steps: int) -> None:
         if self.history and self.history[-1][:2] == (sigma, q):
@@ -64,19 +74,66 @@ class Accountant:
         return json.dumps(self.history)
 
     @classmethod
-    def loads(cls, text: str) -> Accountant:
-        return cls([(float(a), float(b), int(c)) for a, b, c in json.loads(text or "[]")])
+    def loads(cls, text: str, kind: str = "rdp") -> Accountant:
+        return cls([(float(a), float(b), int(c)) for a, b, c in json.loads(text or "[]")], kind)
 
 
-def calibrate_noise(epsilon: float, delta: float, sample_rate: float, steps: int) -> float:
-    """Opacus' own calibration: the sigma that reaches ``epsilon`` after ``steps`` steps."""
+def epsilon_of(history: Sequence[tuple[float, float, int]], delta: float, kind: str = "rdp") -> float:
+    """Epsilon after the (sigma, q, steps) compositions in ``history``, by Opacus' ``kind`` accountant."""
+    from opacus.accountants import create_accountant
+
+    if kind not in ACCOUNTANTS:
+        raise ValueError(f"accountant must be one of {', '.join(ACCOUNTANTS)}, got {kind!r}")
+    if not history:
+        return 0.0
+    accountant = create_accountant(kind)
+    accountant.history = [(float(s), float(q), int(n)) for s, q, n in history]
+    if kind == "prv":
+        return float(accountant.get_epsilon(delta, eps_error=PRV_EPS_ERROR))
+    return float(accountant.get_epsilon(delta))
+
+
+def calibrate_noise(epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str = "rdp") -> float:
+    """Opacus' own calibration: the sigma that reaches ``epsilon`` after ``steps`` steps by ``accountant``."""
     from opacus.accountants.utils import get_noise_multiplier
 
+    if accountant not in ACCOUNTANTS:
+        raise ValueError(f"accountant must be one of {', '.join(ACCOUNTANTS)}, got {accountant!r}")
     return float(
         get_noise_multiplier(
-            target_epsilon=epsilon, target_delta=delta, sample_rate=sample_rate, steps=steps, accountant="rdp"
+            target_epsilon=epsilon, target_delta=delta, sample_rate=sample_rate, steps=steps, accountant=accountant,
+            epsilon_tolerance=0.01,
         )
-    )
+    )  # fmt: skip
+
+
+BALANCE_RATE_CAP = 4.0  # balanced rates: no example joins a step more than this many times as often as uniformly
+
+
+def sample_rates(examples: Sequence[Example], expected_batch: int, balance: bool = False) -> np.ndarray:
+    """Each example's Poisson rate: ``expected_batch / n`` for all, or label-balanced in expectation.
+
+    ``balance``: every label contributes ``expected_batch / labels`` examples to a step in
+    expectation (rate ``expected_batch / (labels * n_label)``), but no rate exceeds
+    ``BALANCE_RATE_CAP`` times the uniform one, since the accountant charges every example
+    at the largest rate: a label with a handful of examples would otherwise cost the whole
+    node its noise level (and those few examples would be drawn at nearly every step).
+    """
+    n = len(examples)
+    if n == 0:
+        raise ValueError("no training examples on this node")
+    uniform = min(1.0, expected_batch / n)
+    if not balance:
+        return np.full(n, uniform)
+    labels = [e.label for e in examples]
+    if any(label is None for label in labels):
+        raise FedswarmError("--balance-labels needs labelled examples; this node's data has unlabelled ones")
+    counts: dict[str, int] = {}
+    for label in labels:
+        counts[str(label)] = counts.get(str(label), 0) + 1
+    cap = min(1.0, BALANCE_RATE_CAP * uniform)
+    per_label = {k: min(cap, expected_batch / (len(counts) * c)) for k, c in counts.items()}
+    return np.array([per_label[str(label)] for label in labels])
 
 
 @dataclass(frozen=True)
@@ -109,15 +166,22 @@ def train_lora_dp(
     seed: int,
     generator: torch.Generator,
     on_grads: Callable[[], None] | None = None,
+    rates: np.ndarray | None = None,
 ) -> DpTrainResult:
     """``steps`` DP-SGD steps; updates ``accountant`` in place (only for steps taken).
 
-    ``on_grads`` sees each step's clipped, noised gradients before AdamW does (Opacus' step hook).
+    ``rates``: each example's Poisson rate (default: ``settings.sample_rate`` for all); the
+    accountant charges ``settings.sample_rate``, which must be at least the largest of them.
+    ``on_grads`` sees each step's clipped, noised gradients before the optimizer does
+    (Opacus' step hook).
     """
     import torch
 
+    rates = np.full(len(examples), settings.sample_rate) if rates is None else np.asarray(rates, dtype=float)
+    if len(rates) != len(examples) or (len(rates) and rates.max() > settings.sample_rate * (1 + 1e-12)):
+        raise ValueError("per-example rates must match the examples and stay within the accounted sample rate")
     params = [p for p in model.parameters() if p.requires_grad]
-    expected = max(1, round(settings.sample_rate * len(examples)))
+    expected = max(1.0, float(rates.sum()))
     gsm, optimizer = dp_components(model, settings, expected, learning_rate, generator)
     if on_grads is not None:
         optimizer.attach_step_hook(lambda _optimizer: on_grads())
@@ -128,22 +192,29 @@ def train_lora_dp(
     model.train()
     try:
         for _ in range(steps):
-            chosen = np.flatnonzero(rng.random(len(examples)) < settings.sample_rate)
+            chosen = np.flatnonzero(rng.random(len(examples)) < rates)
             before = [p.detach().clone() for p in params]
             if len(chosen) == 0:
                 empty += 1
                 for p in params:  # the clipped sum is zero; the step is noise only
                     p.grad_sample = torch.zeros((1, *p.shape), dtype=p.dtype, device=p.device)
+                optimizer.step()
             else:
-                batch = to_device(
-                    collate([encode(tokenizer, examples[i], max_seq_len) for i in chosen], pad), p0.device
-                )
-                loss = per_sample_answer_loss(model, batch).mean()
-                if not math.isfinite(float(loss.detach())):
-                    raise FloatingPointError(f"DP training loss became {float(loss.detach())}")
-                loss.backward()
-                losses.append(float(loss.detach()))
-            optimizer.step()
+                loss_sum = 0.0
+                for last, part in _micro_batches(chosen, settings.micro_batch):
+                    batch = to_device(
+                        collate([encode(tokenizer, examples[i], max_seq_len) for i in part], pad), p0.device
+                    )
+                    per_example = per_sample_answer_loss(model, batch)
+                    loss_sum += float(per_example.detach().sum())
+                    if not math.isfinite(loss_sum):
+                        raise FloatingPointError(f"DP training loss became {loss_sum}")
+                    per_example.mean().backward()
+                    if not last:  # clip and add this micro-batch's examples; noise and step after the last
+                        optimizer.signal_skip_step(do_skip=True)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                losses.append(loss_sum / len(chosen))
             optimizer.zero_grad(set_to_none=True)
             accountant.record(settings.noise_multiplier, settings.sample_rate, 1)
             _check_updated(params, before, settings.noise_multiplier > 0 or len(chosen) > 0)
@@ -155,8 +226,18 @@ def train_lora_dp(
     return DpTrainResult(mean_loss, steps, time.perf_counter() - started, epsilon, empty)
 
 
+def _micro_batches(chosen: np.ndarray, size: int) -> list[tuple[bool, np.ndarray]]:
+    """The draw in consecutive parts of ``size`` (0: one part), each flagged whether it is the last."""
+    size = size if size > 0 else len(chosen)
+    parts = [chosen[i : i + size] for i in range(0, len(chosen), size)]
+    return [(k == len(parts) - 1, part) for k, part in enumerate(parts)]
+
+
+DP_OPTIMIZERS = ("adam", "sgd")
+
+
 def dp_components(
-    model: PeftModel, settings: DpSettings, expected_batch: int, learning_rate: float, generator: torch.Generator
+    model: PeftModel, settings: DpSettings, expected_batch: float, learning_rate: float, generator: torch.Generator
 ) -> tuple[Any, Any]:
     """Opacus' per-sample gradient hooks on the LoRA layers and its clipping+noise optimizer."""
     import torch
@@ -166,13 +247,20 @@ def dp_components(
     params = [p for p in model.parameters() if p.requires_grad]
     if not params or not all(_is_lora(n) for n, p in model.named_parameters() if p.requires_grad):
         raise RuntimeError("DP training expects the LoRA parameters, and only them, to be trainable")
+    if settings.optimizer not in DP_OPTIMIZERS:
+        raise ValueError(f"DP optimizer must be one of {', '.join(DP_OPTIMIZERS)}, got {settings.optimizer!r}")
+    inner: torch.optim.Optimizer
+    if settings.optimizer == "sgd":
+        inner = torch.optim.SGD(params, lr=learning_rate, momentum=settings.momentum)
+    else:
+        inner = torch.optim.AdamW(params, lr=learning_rate, weight_decay=0.0)
     # strict=False: Llama's rotary buffers are not trainable state; only the LoRA linears get hooks.
     gsm = GradSampleModule(model, batch_first=True, loss_reduction="mean", strict=False)
     optimizer = DPOptimizer(
-        torch.optim.AdamW(params, lr=learning_rate, weight_decay=0.0),
+        inner,
         noise_multiplier=settings.noise_multiplier,
         max_grad_norm=settings.max_grad_norm,
-        expected_batch_size=expected_batch,
+        expected_batch_size=expected_batch,  # type: ignore[arg-type]  # the mean's divisor; a float is fine
         loss_reduction="mean",
         generator=generator,
     )
