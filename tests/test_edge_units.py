@@ -144,6 +144,13 @@ def test_model_card_states_privacy_or_its_absence(tmp_path):
     card = model_card("smollm2-135m", with_dp, parity)
     assert "ε = 2" in card and "δ = 1e-05" in card and "3 rounds, 4 clients" in card and "| fp32 |" in card
     assert "no differential-privacy" in model_card("tiny", RunInfo(adapter, {}), parity)
+    # a run's own summary.json form: local DP with each node's figures
+    figures = {"accountant": "prv", "delta": 1e-5, "max_grad_norm": 1.0, "history": [[0.5, 0.01, 24]], "epsilon": 7.9}
+    nodes = {"7": figures}
+    local = {"epsilon_max": 7.9, "epsilon_mean": 7.5, "delta": 1e-5, "accountant": "prv", "nodes": nodes}
+    card = model_card("tiny", RunInfo(adapter, {"config": {}, "privacy": {"local": local}}), parity)
+    assert "ε = 7.9" in card and "accountant prv" in card
+    assert "| 7 | prv | (0.5, 0.01, 24) | 1 | 1e-05 | 7.9 |" in card
 
 
 def test_scales_stored_as_float16_give_the_same_logits_and_restore_exactly():

@@ -51,7 +51,7 @@ def test_simulation_svd_mixed_ranks_with_local_dp(labelled_file, tmp_path):
     out = tmp_path / "run"
     proc = _simulate(
         labelled_file, out, "--aggregation", "svd", "--client-ranks", "2,4,8", "--dp", "--noise-multiplier", "1.0",
-        "--dp-seed", "1", "--global-rank", "14",
+        "--dp-seed", "1", "--global-rank", "14", "--dp-batch-size", "8", "--balance-labels",
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][1:]
@@ -62,7 +62,18 @@ def test_simulation_svd_mixed_ranks_with_local_dp(labelled_file, tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["privacy"]["local"]["epsilon_max"] == rows[1]["epsilon_max"]
     privacy = json.loads((out / "adapter" / "privacy.json").read_text())
-    assert privacy["local"]["delta"] == 1e-5
+    assert privacy["local"]["delta"] == 1e-5 and privacy["local"]["accountant"] == "prv"
+    # the guarantee is auditable: each node's figures recompute to its epsilon with Opacus called directly
+    from opacus.accountants import PRVAccountant
+
+    nodes = privacy["local"]["nodes"]
+    assert len(nodes) == 3
+    for figures in nodes.values():
+        assert figures["steps"] == 6 and figures["max_grad_norm"] == 1.0 and figures["delta"] == 1e-5
+        independent = PRVAccountant()
+        independent.history = [tuple(h) for h in figures["history"]]
+        assert figures["epsilon"] == pytest.approx(independent.get_epsilon(1e-5, eps_error=0.01), rel=1e-9)
+    assert max(f["epsilon"] for f in nodes.values()) == pytest.approx(rows[1]["epsilon_max"], abs=0.02)
 
 
 @pytest.mark.integration

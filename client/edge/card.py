@@ -62,7 +62,26 @@ def _privacy(run: RunInfo) -> str:
     extra = {k: v for k, v in privacy.items() if k not in ("epsilon", "delta")}
     if extra:
         text += " (" + ", ".join(f"{k} {_num(v)}" for k, v in extra.items()) + ")"
-    return text + ", as accounted by the run; merging and quantising are post-processing and do not change it."
+    text += ", as accounted by the run; merging and quantising are post-processing and do not change it."
+    nodes = run.privacy_nodes
+    if not nodes:
+        return text
+    rows = [
+        "",
+        "",
+        "Each node's figures, enough to recompute its epsilon with any accountant (Poisson sampling at rate q, "
+        "per-example clipping to the bound, Gaussian noise of std sigma x bound on each step's clipped sum):",
+        "",
+        "| node | accountant | (sigma, q, steps) | clipping bound | δ | ε |",
+        "|---|---|---|---:|---:|---:|",
+    ]
+    for node, f in nodes.items():
+        history = "; ".join(f"({_num(s)}, {_num(q)}, {int(n)})" for s, q, n in f.get("history", []))
+        rows.append(
+            f"| {node} | {f.get('accountant', '?')} | {history} | {_num(f.get('max_grad_norm'))} "
+            f"| {_num(f.get('delta'))} | {_num(f.get('epsilon'))} |"
+        )
+    return text + "\n".join(rows)
 
 
 def _parity_table(parity: Parity) -> list[str]:

@@ -32,9 +32,29 @@ class RunInfo:
 
     @property
     def privacy(self) -> dict[str, Any] | None:
-        """``{"epsilon": ..., "delta": ...}`` where the run trained under DP (a later summary.json key)."""
+        """``{"epsilon": ..., "delta": ..., ...}`` where the run trained under DP, else None.
+
+        A run's summary.json has ``{"local": {...}, "central": {...}}`` (local DP's worst node,
+        central DP's clipped mean); a flat ``{"epsilon", "delta"}`` is read as it is.
+        """
         value = self.summary.get("privacy")
-        return dict(value) if isinstance(value, dict) else None
+        if not isinstance(value, dict):
+            return None
+        local, central = value.get("local"), value.get("central")
+        if isinstance(local, dict):
+            out = {"epsilon": local.get("epsilon_max"), "delta": local.get("delta"), "kind": "local, per node"}
+            out.update({k: local[k] for k in ("accountant", "noise_multiplier", "max_grad_norm") if k in local})
+            return out
+        if isinstance(central, dict):
+            return {"epsilon": central.get("epsilon"), "delta": central.get("delta"), "kind": "central, per client"}
+        return dict(value)
+
+    @property
+    def privacy_nodes(self) -> dict[str, dict[str, Any]]:
+        """Local DP: each node's figures (accountant, delta, clipping bound, (sigma, q, steps) history, epsilon)."""
+        local = (self.summary.get("privacy") or {}).get("local") or {}
+        nodes = local.get("nodes") if isinstance(local, dict) else None
+        return dict(nodes) if isinstance(nodes, dict) else {}
 
 
 def resolve_adapter(value: str) -> RunInfo:

@@ -104,7 +104,8 @@ def _train_dp(
     if cfg.epsilon > 0:
         projected = accountant.epsilon(cfg.delta, extra=(sigma, q, cfg.local_steps))
         if projected > cfg.epsilon * (1 + 1e-9):
-            note = f"declined: the next round would reach epsilon {projected:.3f} > budget {cfg.epsilon}"
+            note = f"declined: the next round would reach epsilon {projected:.3f} ({cfg.accountant})"
+            note += f" > budget {cfg.epsilon}"
             metrics = {**base, "declined": 1, "projected-epsilon": projected}
             return RoundOutput(None, metrics, accountant.dumps(), note)
     result = train_lora_dp(

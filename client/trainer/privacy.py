@@ -22,9 +22,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from fedswarm.common.accounting import ACCOUNTANTS, calibrate_noise, epsilon_of
 from fedswarm.common.batches import collate, encode, per_sample_answer_loss, to_device
 from fedswarm.common.data import Example
 from fedswarm.common.errors import FedswarmError
+
+__all__ = ["ACCOUNTANTS", "Accountant", "DpSettings", "calibrate_noise", "epsilon_of", "sample_rates", "train_lora_dp"]
 
 if TYPE_CHECKING:
     import torch
@@ -43,10 +46,6 @@ class DpSettings:
     optimizer: str = "adam"  # adam (AdamW) or sgd, fed the clipped, noised mean gradient
     momentum: float = 0.0  # sgd only
     micro_batch: int = 0  # examples per forward/backward pass within one step (0: the whole draw)
-
-
-ACCOUNTANTS = ("rdp", "prv")
-PRV_EPS_ERROR = 0.01  # PRV's numerical epsilon tolerance (Opacus' default)
 
 
 @dataclass
@@ -76,35 +75,6 @@ class Accountant:
     @classmethod
     def loads(cls, text: str, kind: str = "rdp") -> Accountant:
         return cls([(float(a), float(b), int(c)) for a, b, c in json.loads(text or "[]")], kind)
-
-
-def epsilon_of(history: Sequence[tuple[float, float, int]], delta: float, kind: str = "rdp") -> float:
-    """Epsilon after the (sigma, q, steps) compositions in ``history``, by Opacus' ``kind`` accountant."""
-    from opacus.accountants import create_accountant
-
-    if kind not in ACCOUNTANTS:
-        raise ValueError(f"accountant must be one of {', '.join(ACCOUNTANTS)}, got {kind!r}")
-    if not history:
-        return 0.0
-    accountant = create_accountant(kind)
-    accountant.history = [(float(s), float(q), int(n)) for s, q, n in history]
-    if kind == "prv":
-        return float(accountant.get_epsilon(delta, eps_error=PRV_EPS_ERROR))
-    return float(accountant.get_epsilon(delta))
-
-
-def calibrate_noise(epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str = "rdp") -> float:
-    """Opacus' own calibration: the sigma that reaches ``epsilon`` after ``steps`` steps by ``accountant``."""
-    from opacus.accountants.utils import get_noise_multiplier
-
-    if accountant not in ACCOUNTANTS:
-        raise ValueError(f"accountant must be one of {', '.join(ACCOUNTANTS)}, got {accountant!r}")
-    return float(
-        get_noise_multiplier(
-            target_epsilon=epsilon, target_delta=delta, sample_rate=sample_rate, steps=steps, accountant=accountant,
-            epsilon_tolerance=0.01,
-        )
-    )  # fmt: skip
 
 
 BALANCE_RATE_CAP = 4.0  # balanced rates: no example joins a step more than this many times as often as uniformly

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import asdict, replace
@@ -103,12 +104,12 @@ def run_federation(grid: Grid, cfg: FederationConfig) -> dict[str, Any]:
         log.info(
             "round %d/%d done in %.1f s: train loss %.4f, held-out loss %.4f, accuracy %s, residual %.2e%s",
             round_no, cfg.rounds, row["seconds"], row["train_loss"], row["eval_loss"], _fmt(row["eval_accuracy"]),
-            residual, f", epsilon max {privacy['epsilon_max']:.3f}" if privacy else "",
+            residual, f", epsilon max {privacy['epsilon_max']:.3f} ({cfg.accountant})" if privacy else "",
         )  # fmt: skip
     if last_round:
         run.publish_adapter(last_round)
     run.plot_curves()
-    summary = _summary(cfg, rows, time.perf_counter() - started)
+    summary = _summary(cfg, rows, time.perf_counter() - started, book)
     run.write_json("summary.json", summary)
     if last_round and summary.get("privacy"):
         run.write_json("adapter/privacy.json", summary["privacy"])
@@ -166,7 +167,8 @@ def _progress(round_no: int) -> Any:
         log.info(
             "round %d: client %d/%d done (loss %.4f, %d steps, %.1f s%s)",
             round_no, done, total, metrics["train-loss"], metrics["steps"], metrics["seconds"],
-            f", epsilon {metrics['epsilon']:.3f}" if "epsilon" in metrics else "",
+            f", epsilon {metrics['epsilon']:.3f}, {metrics['sample-rate']:.4f} x {metrics['noise-multiplier']:.3f}"
+            if "epsilon" in metrics else "",
         )  # fmt: skip
 
     return report
@@ -247,7 +249,7 @@ def _commit(
     run.append_metrics(row)
 
 
-def _summary(cfg: FederationConfig, rows: list[dict[str, Any]], seconds: float) -> dict[str, Any]:
+def _summary(cfg: FederationConfig, rows: list[dict[str, Any]], seconds: float, book: NodeBook) -> dict[str, Any]:
     first, last = rows[0], rows[-1]
     gain = None
     if first["eval_accuracy"] is not None and last["eval_accuracy"] is not None:
@@ -265,12 +267,38 @@ def _summary(cfg: FederationConfig, rows: list[dict[str, Any]], seconds: float) 
     privacy: dict[str, Any] = {}
     if "epsilon_max" in last:
         privacy["local"] = {k: last[k] for k in ("epsilon_max", "epsilon_mean", "delta", "noise_multiplier")}
-        privacy["local"]["max_grad_norm"] = last["max_grad_norm"]
+        privacy["local"].update(
+            max_grad_norm=last["max_grad_norm"], accountant=cfg.accountant, nodes=node_guarantees(cfg, book)
+        )
     if "central_epsilon" in last:
         privacy["central"] = {"epsilon": last["central_epsilon"], "delta": last["central_delta"]}
     if privacy:
         summary["privacy"] = privacy
     return summary
+
+
+def node_guarantees(cfg: FederationConfig, book: NodeBook) -> dict[str, dict[str, Any]]:
+    """Per node, every figure its epsilon follows from: a reader can recompute it with any accountant.
+
+    ``history`` lists the node's (noise multiplier, sample rate, steps) compositions: Poisson
+    sampling at that rate (per-label rates under --balance-labels are at most it), each step's
+    clipped sum (L2 bound ``max_grad_norm`` per example) plus Gaussian noise of std
+    noise multiplier x bound.
+    """
+    from fedswarm.common.accounting import epsilon_of
+
+    out: dict[str, dict[str, Any]] = {}
+    for node, text in sorted(book.privacy.items()):
+        history = [[float(s), float(q), int(n)] for s, q, n in json.loads(text or "[]")]
+        out[str(node)] = {
+            "accountant": cfg.accountant,
+            "delta": cfg.delta,
+            "max_grad_norm": cfg.max_grad_norm,
+            "history": history,
+            "steps": sum(n for *_, n in history),
+            "epsilon": epsilon_of(history, cfg.delta, cfg.accountant),
+        }
+    return out
 
 
 def results_table(rows: list[dict[str, Any]]) -> str:
