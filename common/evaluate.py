@@ -28,6 +28,22 @@ class EvalResult:
     examples: int
 
 
+def constant_answer(examples: Sequence[Example]) -> tuple[str, float] | None:
+    """The commonest label and its share: what always giving one answer scores (None: unlabelled data).
+
+    The floor a classifier must beat: round 0 scores 0 only because the base model never
+    answers in the label format, so a gain over round 0 alone says little.
+    """
+    labels = [e.label for e in examples if e.label is not None]
+    if not labels or len(labels) < len(examples):
+        return None
+    counts: dict[str, int] = {}
+    for label in labels:
+        counts[label] = counts.get(label, 0) + 1
+    label = max(sorted(counts), key=counts.__getitem__)
+    return label, counts[label] / len(labels)
+
+
 def evaluate(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,

@@ -61,6 +61,15 @@ def test_simulation_svd_mixed_ranks_with_local_dp(labelled_file, tmp_path):
     assert all(r["aggregation_residual"] < 1e-5 for r in rows)  # global rank 14 = 2 + 4 + 8: exact
     summary = json.loads((out / "summary.json").read_text())
     assert summary["privacy"]["local"]["epsilon_max"] == rows[1]["epsilon_max"]
+    from collections import Counter
+
+    from fedswarm.common.data import load_examples
+    from fedswarm.common.splits import holdout_split
+
+    records = load_examples(str(labelled_file))
+    held = Counter(records[i].label for i in holdout_split(len(records), 12, 0).holdout)
+    assert summary["constant_answer"]["accuracy"] == max(held.values()) / 12
+    assert "constant answer (always " in proc.stderr + proc.stdout
     privacy = json.loads((out / "adapter" / "privacy.json").read_text())
     assert privacy["local"]["delta"] == 1e-5 and privacy["local"]["accountant"] == "prv"
     # the guarantee is auditable: each node's figures recompute to its epsilon with Opacus called directly

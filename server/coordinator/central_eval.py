@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 from fedswarm.common.config import FederationConfig
 from fedswarm.common.data import Example, load_examples
-from fedswarm.common.evaluate import EvalResult, evaluate
+from fedswarm.common.evaluate import EvalResult, constant_answer, evaluate
 from fedswarm.common.lora import adapter_state, attach_lora, load_adapter_state
 from fedswarm.common.model import load_model, load_tokenizer
 from fedswarm.common.splits import holdout_split
@@ -33,6 +33,7 @@ class CentralEvaluator:
         records = load_examples(cfg.data, cfg.max_samples)
         split = holdout_split(len(records), cfg.eval_size, cfg.seed)
         self.holdout: list[Example] = [records[i] for i in split.holdout]
+        self.constant = constant_answer(self.holdout)  # (label, share): the accuracy floor
         self.last_seconds = 0.0
 
     def initial_state(self) -> dict[str, torch.Tensor]:

@@ -108,12 +108,15 @@ def run_federation(grid: Grid, cfg: FederationConfig) -> dict[str, Any]:
         )  # fmt: skip
     if last_round:
         run.publish_adapter(last_round)
-    run.plot_curves()
+    constant = evaluator.constant
+    run.plot_curves(constant[1] if constant else None)
     summary = _summary(cfg, rows, time.perf_counter() - started, book)
+    if constant:
+        summary["constant_answer"] = {"label": constant[0], "accuracy": constant[1]}
     run.write_json("summary.json", summary)
     if last_round and summary.get("privacy"):
         run.write_json("adapter/privacy.json", summary["privacy"])
-    log.info("\n%s", results_table(rows))
+    log.info("\n%s", results_table(rows, constant))
     log.info("run folder: %s (adapter/, metrics.jsonl, curves.png, summary.json)", run.root)
     return summary
 
@@ -301,11 +304,21 @@ def node_guarantees(cfg: FederationConfig, book: NodeBook) -> dict[str, dict[str
     return out
 
 
-def results_table(rows: list[dict[str, Any]]) -> str:
-    lines = ["round | held-out loss | accuracy | train loss", "------+---------------+----------+-----------"]
+def results_table(rows: list[dict[str, Any]], constant: tuple[str, float] | None = None) -> str:
+    """The per-round table; with ``constant`` (label, share), each accuracy's margin over always answering it."""
+    head, rule = "round | held-out loss | accuracy | train loss", "------+---------------+----------+-----------"
+    if constant:
+        head, rule = head + " | vs constant", rule + "+------------"
+    lines = [head, rule]
     for r in rows:
         train = "-" if r["train_loss"] is None else f"{r['train_loss']:.4f}"
-        lines.append(f"{r['round']:>5} | {r['eval_loss']:>13.4f} | {_fmt(r['eval_accuracy']):>8} | {train:>10}")
+        line = f"{r['round']:>5} | {r['eval_loss']:>13.4f} | {_fmt(r['eval_accuracy']):>8} | {train:>10}"
+        if constant:
+            acc = r["eval_accuracy"]
+            line += " | " + ("n/a" if acc is None else f"{acc - constant[1]:+.3f}").rjust(11)
+        lines.append(line)
+    if constant:
+        lines.append(f"constant answer (always {constant[0]!r}): accuracy {constant[1]:.3f}, the floor to beat")
     return "\n".join(lines)
 
 

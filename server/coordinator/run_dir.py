@@ -71,31 +71,47 @@ class RunDir:
                 if item.name not in ("state.json", CONTROL_FILE):
                     shutil.copy2(item, tmp / item.name)
 
-    def plot_curves(self) -> None:
-        """``curves.png``: held-out loss and accuracy per round (round 0 = base model)."""
-        import matplotlib
+    def plot_curves(self, constant: float | None = None) -> None:
+        """``curves.png``: held-out loss and accuracy per round (round 0 = base model).
 
-        matplotlib.use("Agg")
+        ``constant``: the accuracy of always giving the commonest label, drawn as the floor.
+        """
         import matplotlib.pyplot as plt
 
-        rows = self.read_metrics()
-        rounds = [r["round"] for r in rows]
-        fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(9, 3.5))
-        ax_loss.plot(rounds, [r["eval_loss"] for r in rows], "o-", label="held-out")
-        train = [(r["round"], r["train_loss"]) for r in rows if r.get("train_loss") is not None]
-        if train:
-            ax_loss.plot(*zip(*train, strict=True), "s--", label="train (clients)")
-        ax_loss.set(xlabel="round", ylabel="loss (nats/token)", title="loss")
-        ax_loss.legend()
-        acc = [(r["round"], r["eval_accuracy"]) for r in rows if r.get("eval_accuracy") is not None]
-        if acc:
-            ax_acc.plot(*zip(*acc, strict=True), "o-")
-        ax_acc.set(xlabel="round", ylabel="accuracy", title="held-out accuracy")
-        fig.tight_layout()
+        fig = curves_figure(self.read_metrics(), constant)
         tmp = self.root / ".curves.png.tmp"
         fig.savefig(tmp, format="png", dpi=100)
         plt.close(fig)
         tmp.replace(self.root / "curves.png")
+
+
+def curves_figure(rows: list[dict[str, Any]], constant: float | None = None) -> Any:
+    """The loss and accuracy panels (integer round ticks; the constant answer as a dotted floor)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    rounds = [r["round"] for r in rows]
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(9, 3.5))
+    ax_loss.plot(rounds, [r["eval_loss"] for r in rows], "o-", label="held-out")
+    train = [(r["round"], r["train_loss"]) for r in rows if r.get("train_loss") is not None]
+    if train:
+        ax_loss.plot(*zip(*train, strict=True), "s--", label="train (clients)")
+    ax_loss.set(xlabel="round", ylabel="loss (nats/token)", title="loss")
+    ax_loss.legend()
+    acc = [(r["round"], r["eval_accuracy"]) for r in rows if r.get("eval_accuracy") is not None]
+    if acc:
+        ax_acc.plot(*zip(*acc, strict=True), "o-", label="held-out")
+    if constant is not None:
+        ax_acc.axhline(constant, color="grey", linestyle=":", label=f"constant answer ({constant:.3f})")
+        ax_acc.legend()
+    ax_acc.set(xlabel="round", ylabel="accuracy", title="held-out accuracy")
+    for ax in (ax_loss, ax_acc):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    fig.tight_layout()
+    return fig
 
 
 def _clean(value: Any) -> Any:
