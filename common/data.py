@@ -33,6 +33,9 @@ class Example:
         return [{"role": role, "content": content} for role, content in self.messages]
 
 
+DATA_SUFFIXES = (".jsonl", ".json", ".csv")
+
+
 def resolve_data(value: str) -> Path:
     """Map ``--data`` (a built-in name or a file path) to a readable file."""
     if value in BUILTIN_DATASETS:
@@ -52,6 +55,11 @@ def resolve_data(value: str) -> Path:
         )
     if not path.is_file():
         raise FedswarmError(f"--data {value!r}: not a file")
+    if path.suffix.lower() not in DATA_SUFFIXES:
+        raise FedswarmError(
+            f"--data {value!r}: unsupported file type {path.suffix or '(none)'!r}; expected "
+            f"{', '.join(DATA_SUFFIXES)} (chat/evals/Alpaca JSON lines, or a text,label CSV)"
+        )
     return path
 
 

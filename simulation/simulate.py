@@ -21,15 +21,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from fedswarm.common.data import resolve_data
+    from fedswarm.common.data import load_examples
     from fedswarm.common.device import check_quantize_base, resolve_device
+    from fedswarm.common.errors import FedswarmError
     from fedswarm.common.model import parse_model
     from fedswarm.simulation.engine import run_simulation
     from fedswarm.simulation.partition import parse_partition
 
     cfg = federation_from_args(args)
     parse_model(cfg.model)  # fail here, in one line, before Ray starts
-    resolve_data(cfg.data)
+    records = load_examples(cfg.data, cfg.max_samples)  # every record parsed: a malformed one stops us here
+    if cfg.balance_labels and any(r.label is None for r in records):
+        raise FedswarmError(f"--balance-labels needs labelled data; --data {cfg.data!r} has unlabelled records")
     parse_partition(cfg.partition)
     device = resolve_device(cfg.device)
     check_quantize_base(cfg.quantize_base, device)

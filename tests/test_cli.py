@@ -46,3 +46,21 @@ def test_import_common_stays_light():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "[]"
+
+
+def test_unsupported_or_malformed_data_is_refused_before_ray_starts(tmp_path):
+    text = tmp_path / "notes.txt"
+    text.write_text("hello\n")
+    proc = _run("simulate", "--model", "tiny", "--data", str(text), "--out", str(tmp_path / "run"))
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        f"fedswarm simulate: error: --data {str(text)!r}: unsupported file type '.txt'; expected .jsonl, .json, "
+        ".csv (chat/evals/Alpaca JSON lines, or a text,label CSV)"
+    ]
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"input": [{"role": "user", "content": "hi"}], "ideal": "yes"}\n{broken\n')
+    proc = _run("simulate", "--model", "tiny", "--data", str(broken), "--out", str(tmp_path / "run"))
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [f"fedswarm simulate: error: {broken}:2: invalid JSON (Expecting "
+                                                "property name enclosed in double quotes)"]  # fmt: skip
+    assert not (tmp_path / "run").exists()  # nothing half-written, and no Ray (its warnings would be on stderr)
