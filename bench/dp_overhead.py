@@ -1,16 +1,32 @@
-"""DP-SGD step cost against a plain LoRA step: same model, batch and sequence length.
+"""DP-SGD cost per example-gradient against plain LoRA, and a private step's peak memory.
 
-Both steps run on the same fixed batch, interleaved, after a warm-up; the DP step
-includes Opacus' per-sample gradients, per-sample clipping and the noise.
+Interleaved after a warm-up, on the same examples and sequence length:
 
-    .venv/bin/python bench/dp_overhead.py [--model smollm2-135m] [--batch-size 8] [--repeats 5]
+  plain:  a LoRA step on a batch of --batch-size (the non-DP default shape: rank 8, A and B);
+  plain*: the same step on the DP default shape (rank 2, B only, as ffa trains it);
+  DP:     one private step of --dp-batch-size examples in micro-batches of --batch-size
+          (Opacus per-sample gradients, per-example clipping, one noise draw), DP default shape.
+
+Time per example-gradient = step time / examples in the step; the ratio DP / plain* is the
+cost of privacy itself (goal <= 1.3). Peak memory: the process's peak RSS growth over a
+private step in micro-batches, then over the same step in one pass (peak RSS only grows, so
+the micro-batched step runs first).
+
+    .venv/bin/python bench/dp_overhead.py [--model smollm2-135m] [--batch-size 8] [--dp-batch-size 32]
 """
 
 from __future__ import annotations
 
 import argparse
+import resource
 import statistics
 import time
+from collections.abc import Callable
+from typing import Any
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def main() -> None:
@@ -18,6 +34,7 @@ def main() -> None:
 
     from fedswarm.client.trainer.privacy import DpSettings, dp_components, noise_generator
     from fedswarm.common.batches import answer_loss, collate, encode, per_sample_answer_loss
+    from fedswarm.common.config import DP_LORA_RANK, LORA_RANK
     from fedswarm.common.data import load_examples
     from fedswarm.common.lora import attach_lora
     from fedswarm.common.model import load_model, load_tokenizer
@@ -26,56 +43,88 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--data", default="sarcasm")
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--dp-batch-size", type=int, default=32)
     parser.add_argument("--max-seq-len", type=int, default=128)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
     tokenizer = load_tokenizer(args.model)
-    model = attach_lora(load_model(args.model), 8, 16.0, 0)
-    examples = load_examples(args.data, max_samples=args.batch_size)
-    batch = collate([encode(tokenizer, e, args.max_seq_len) for e in examples], int(tokenizer.pad_token_id))
-    params = [p for p in model.parameters() if p.requires_grad]
-    model.train()
+    pad = int(tokenizer.pad_token_id)
+    examples = load_examples(args.data, max_samples=args.dp_batch_size)
+    micro = [
+        collate([encode(tokenizer, e, args.max_seq_len) for e in examples[i : i + args.batch_size]], pad)
+        for i in range(0, len(examples), args.batch_size)
+    ]
+    whole = collate([encode(tokenizer, e, args.max_seq_len) for e in examples], pad)
+    base = load_model(args.model)
 
-    plain_opt = torch.optim.AdamW(params, lr=1e-4)
+    def plain_model(rank: int, b_only: bool) -> tuple[Any, Callable[[], float]]:
+        model = attach_lora(base, rank, 16.0, 0)
+        for name, p in model.named_parameters():
+            if "lora_A" in name and b_only:
+                p.requires_grad_(False)
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+        model.train()
 
-    def plain_step() -> float:
+        def step() -> float:
+            started = time.perf_counter()
+            answer_loss(model, micro[0]).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            return (time.perf_counter() - started) / args.batch_size
+
+        return model, step
+
+    default_model, plain = plain_model(LORA_RANK, False)
+    plain_times = [plain() for _ in range(args.repeats + 1)][1:]
+    default_model.unload()  # back to the bare base for the DP shape
+
+    model, plain_dp_shape = plain_model(DP_LORA_RANK, True)
+    settings = DpSettings(1.0, 1.0, 1e-5, 0.0, 0.01, "prv", "adam", 0.0, args.batch_size)
+    gsm, dp_opt = dp_components(model, settings, args.dp_batch_size, 1e-4, noise_generator(0))
+
+    def dp_step(parts: list[dict]) -> float:
         started = time.perf_counter()
-        answer_loss(model, batch).backward()
-        plain_opt.step()
-        plain_opt.zero_grad(set_to_none=True)
-        return time.perf_counter() - started
+        for k, batch in enumerate(parts):
+            per_sample_answer_loss(model, batch).mean().backward()
+            if k < len(parts) - 1:
+                dp_opt.signal_skip_step(do_skip=True)
+            dp_opt.step()
+            dp_opt.zero_grad(set_to_none=True)
+        return (time.perf_counter() - started) / args.dp_batch_size
 
-    settings = DpSettings(1.0, 1.0, 1e-5, 0.0, 0.01)
-    gsm, dp_opt = dp_components(model, settings, args.batch_size, 1e-4, noise_generator(0))
-
-    def dp_step() -> float:
-        started = time.perf_counter()
-        per_sample_answer_loss(model, batch).mean().backward()
-        dp_opt.step()
-        dp_opt.zero_grad(set_to_none=True)
-        return time.perf_counter() - started
-
-    # hooks stay registered for the plain step too; disable them while it runs
-    plain, dp = [], []
-    dp_step()
-    gsm.disable_hooks()
-    plain_step()
+    rss0 = _peak_rss_mb()
+    dp_step(micro)  # warm-up, and the micro-batched step's peak
+    rss_micro = _peak_rss_mb() - rss0
+    plain_star, dp = [], []
     for _ in range(args.repeats):
         gsm.disable_hooks()
-        plain.append(plain_step())
+        plain_star.append(plain_dp_shape())
         gsm.enable_hooks()
-        dp.append(dp_step())
+        dp.append(dp_step(micro))
+    rss1 = _peak_rss_mb()
+    dp_step([whole])
+    rss_whole = _peak_rss_mb() - rss1
     gsm._close()
-    p, d = statistics.median(plain), statistics.median(dp)
-    tokens = int(batch["attention_mask"].sum())
-    print(f"model {args.model}, batch {args.batch_size} ({tokens} tokens), {args.threads} threads")
-    print(f"median of {args.repeats} interleaved steps each")
-    print(f"plain LoRA step: {p * 1000:8.1f} ms")
-    print(f"DP-SGD step:     {d * 1000:8.1f} ms")
-    print(f"ratio DP / plain: {d / p:7.3f}   (goal < 1.5)")
+
+    p, ps, d = (statistics.median(t) * 1000 for t in (plain_times, plain_star, dp))
+    grad_sample_mb = sum(p.numel() for p in model.parameters() if p.requires_grad) * args.batch_size * 4 / 2**20
+    print(f"model {args.model}, seq len {args.max_seq_len}, {args.threads} threads, median of {args.repeats} steps")
+    print(f"plain, rank {LORA_RANK} A+B, batch {args.batch_size}:  {p:8.1f} ms per example-gradient")
+    print(f"plain, rank {DP_LORA_RANK} B only, batch {args.batch_size}: {ps:8.1f} ms per example-gradient")
+    print(
+        f"DP, rank {DP_LORA_RANK} B only, private batch {args.dp_batch_size} in micro-batches of {args.batch_size}: "
+        f"{d:8.1f} ms per example-gradient"
+    )
+    print(f"ratio DP / plain (same shape): {d / ps:6.3f}   (goal <= 1.3)")
+    print(f"ratio DP / plain (non-DP default shape): {d / p:6.3f}")
+    print(
+        f"peak RSS growth of a private step: {rss_micro:.0f} MB in micro-batches of {args.batch_size}, "
+        f"then {rss_whole:.0f} MB more in one pass of {args.dp_batch_size}; "
+        f"per-sample gradients of a micro-batch: {grad_sample_mb:.1f} MB"
+    )
 
 
 if __name__ == "__main__":
