@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python3}"
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
-PIP=".venv/bin/pip --disable-pip-version-check -q"
+PIP=".venv/bin/pip --disable-pip-version-check --no-warn-conflicts -q"
 # torch first, pinned: the CPU wheel on machines without CUDA; the same pin is CUDA elsewhere.
 $PIP install "torch==2.13.0"
 if [ "${1:-}" = "--dev" ]; then $PIP install -e ".[dev]"; else $PIP install -e .; fi
