@@ -12,6 +12,10 @@ cost of privacy itself (goal <= 1.3). Peak memory: the process's peak RSS growth
 private step in micro-batches, then over the same step in one pass (peak RSS only grows, so
 the micro-batched step runs first).
 
+Ghost clipping (Opacus' fast gradient clipping, ``use_ghost_clipping=True``): the same private
+step computing per-example norms without per-example gradients, in two backward passes; its
+clipped, noise-free mean gradient is compared with the standard path's on the same examples.
+
     .venv/bin/python bench/dp_overhead.py [--model smollm2-135m] [--batch-size 8] [--dp-batch-size 32]
 """
 
@@ -109,6 +113,11 @@ def main() -> None:
     rss_whole = _peak_rss_mb() - rss1
     gsm._close()
 
+    standard = clipped_mean(model, settings, micro)
+    ghost_times, ghost_mean = ghost(model, settings, whole, args.repeats)
+    diff = max(float((a - b).abs().max()) for a, b in zip(standard, ghost_mean, strict=True))
+    scale = max(float(a.abs().max()) for a in standard)
+
     p, ps, d = (statistics.median(t) * 1000 for t in (plain_times, plain_star, dp))
     grad_sample_mb = sum(p.numel() for p in model.parameters() if p.requires_grad) * args.batch_size * 4 / 2**20
     print(f"model {args.model}, seq len {args.max_seq_len}, {args.threads} threads, median of {args.repeats} steps")
@@ -125,6 +134,82 @@ def main() -> None:
         f"then {rss_whole:.0f} MB more in one pass of {args.dp_batch_size}; "
         f"per-sample gradients of a micro-batch: {grad_sample_mb:.1f} MB"
     )
+    g = statistics.median(ghost_times) * 1000
+    print(
+        f"ghost clipping, same private step in one pass: {g:8.1f} ms per example-gradient "
+        f"({g / d:.2f} x the standard DP step); "
+        f"clipped mean gradient differs by at most {diff:.1e} (largest entry {scale:.1e})"
+    )
+
+
+def clipped_mean(model: Any, settings: Any, parts: list[dict]) -> list[Any]:
+    """The standard path's clipped mean gradient (no noise) over the micro-batches."""
+    import dataclasses
+
+    from fedswarm.client.trainer.privacy import dp_components, noise_generator
+    from fedswarm.common.batches import per_sample_answer_loss
+
+    quiet = dataclasses.replace(settings, noise_multiplier=0.0)
+    n = sum(int(b["input_ids"].shape[0]) for b in parts)
+    gsm, opt = dp_components(model, quiet, n, 0.0, noise_generator(0))
+    out = []
+    try:
+        for k, batch in enumerate(parts):
+            per_sample_answer_loss(model, batch).mean().backward()
+            if k < len(parts) - 1:
+                opt.signal_skip_step(do_skip=True)
+            opt.pre_step()
+            if k == len(parts) - 1:
+                out = [p.grad.detach().clone() for p in opt.params]
+            opt.zero_grad(set_to_none=True)
+    finally:
+        gsm._close()
+    return out
+
+
+def ghost(model: Any, settings: Any, whole: dict, repeats: int) -> tuple[list[float], list[Any]]:
+    """Ghost clipping's time per example-gradient and its clipped mean, in one pass over all examples.
+
+    (Its backward zeroes ``p.grad`` first, so micro-batches do not accumulate the way DPOptimizer's do.)
+    """
+    import dataclasses
+
+    import torch
+    from opacus.grad_sample.grad_sample_module_fast_gradient_clipping import GradSampleModuleFastGradientClipping
+    from opacus.optimizers.optimizer_fast_gradient_clipping import DPOptimizerFastGradientClipping
+    from opacus.utils.fast_gradient_clipping_utils import DPTensorFastGradientClipping
+
+    from fedswarm.common.batches import per_sample_answer_loss
+
+    n = int(whole["input_ids"].shape[0])
+    params = [p for p in model.parameters() if p.requires_grad]
+    gsm = GradSampleModuleFastGradientClipping(
+        model, batch_first=True, loss_reduction="mean", strict=False, max_grad_norm=settings.max_grad_norm,
+        use_ghost_clipping=True,
+    )  # fmt: skip
+
+    def step(sigma: float) -> float:
+        quiet = dataclasses.replace(settings, noise_multiplier=sigma)
+        opt = DPOptimizerFastGradientClipping(
+            torch.optim.SGD(params, lr=0.0), noise_multiplier=quiet.noise_multiplier,
+            max_grad_norm=quiet.max_grad_norm, expected_batch_size=n, loss_reduction="mean",
+        )  # fmt: skip
+        started = time.perf_counter()
+        total: list[Any] = []
+        DPTensorFastGradientClipping(gsm, opt, per_sample_answer_loss(model, whole), "mean").backward()
+        opt.pre_step()
+        total = [p.grad.detach().clone() for p in params]
+        opt.zero_grad(set_to_none=True)
+        step.last = total  # type: ignore[attr-defined]
+        return (time.perf_counter() - started) / n
+
+    try:
+        times = [step(1.0) for _ in range(repeats + 1)][1:]
+        step(0.0)
+        mean = step.last  # type: ignore[attr-defined]
+    finally:
+        gsm._close()
+    return times, mean
 
 
 if __name__ == "__main__":
