@@ -16,6 +16,7 @@ import json
 import math
 import os
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -224,6 +225,8 @@ def dp_components(
         inner = torch.optim.SGD(params, lr=learning_rate, momentum=settings.momentum)
     else:
         inner = torch.optim.AdamW(params, lr=learning_rate, weight_decay=0.0)
+    # Opacus' hooks on layers whose inputs need no gradient (the frozen base's): expected, not the user's business
+    warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients", category=UserWarning)
     # strict=False: Llama's rotary buffers are not trainable state; only the LoRA linears get hooks.
     gsm = GradSampleModule(model, batch_first=True, loss_reduction="mean", strict=False)
     optimizer = DPOptimizer(
