@@ -13,7 +13,7 @@ COMMANDS = (
     "fedswarm.simulation.simulate",
     "fedswarm.client.edge.export",
     "fedswarm.client.edge.serve",
-    "fedswarm.client.swarm.cli",
+    "fedswarm.common.swarm_cli",
     "fedswarm.server.coordinator.launch",
     "fedswarm.client.trainer.launch",
     "fedswarm.server.coordinator.submit",

@@ -119,3 +119,8 @@ def _smollm2() -> Path:
     from fedswarm.common.gguf_convert import smollm2_folder
 
     return smollm2_folder()
+
+
+def model_folder(spec: ModelSpec) -> Path:
+    """The HF folder behind a spec (the cached conversion for the default model)."""
+    return spec.path if spec.path is not None else _smollm2()

@@ -25,8 +25,8 @@ def run(args: argparse.Namespace) -> int:
     from fedswarm.common.device import check_quantize_base, resolve_device
     from fedswarm.common.errors import FedswarmError
     from fedswarm.common.model import parse_model
+    from fedswarm.common.partition import parse_partition
     from fedswarm.simulation.engine import run_simulation
-    from fedswarm.simulation.partition import parse_partition
 
     cfg = federation_from_args(args)
     parse_model(cfg.model)  # fail here, in one line, before Ray starts

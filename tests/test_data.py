@@ -5,8 +5,8 @@ import pytest
 
 from fedswarm.common.data import load_examples
 from fedswarm.common.errors import FedswarmError
+from fedswarm.common.partition import PartitionSpec, parse_partition, partition
 from fedswarm.common.splits import holdout_split
-from fedswarm.simulation.partition import PartitionSpec, parse_partition, partition
 from tests.conftest import write_jsonl
 
 

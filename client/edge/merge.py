@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from fedswarm.common.adapter_files import ADAPTER_FILES
 from fedswarm.common.errors import FedswarmError
 from fedswarm.common.model import DEFAULT_MODEL, ModelSpec, parse_model
 
@@ -15,8 +16,6 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
 log = logging.getLogger(__name__)
-
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
 
 @dataclass(frozen=True)

@@ -1,39 +1,14 @@
-"""``fedswarm swarm registry|serve|generate|perplexity``: the swarm from the command line."""
+"""``fedswarm swarm generate|perplexity``: querying the swarm from the command line."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-SECURITY_HELP = "shared swarm token (default: $FEDSWARM_SWARM_TOKEN; empty disables the check)"
+from fedswarm.common.swarm_cli import add_security, security_of
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:
-    from fedswarm.common.config import add_arguments
-    from fedswarm.server.swarm.options import ServeOptions
-
-    parser = sub.add_parser(
-        "swarm",
-        help="serve a model over a swarm of block servers, or query it",
-        description="A registry, block servers holding spans of a model, and a client that routes through them.",
-    )
-    commands = parser.add_subparsers(dest="swarm_command", required=True, metavar="SWARM_COMMAND")
-
-    registry = commands.add_parser("registry", help="run a registry of live block servers")
-    registry.add_argument("--host", default="127.0.0.1", help="interface to listen on")
-    registry.add_argument("--port", type=int, default=0, help="port (0 picks a free one and prints it)")
-    _security(registry, server=True)
-    registry.set_defaults(handler=run_registry)
-
-    serve = commands.add_parser("serve", help="serve a span of decoder blocks")
-    serve.add_argument("--registry", action="append", required=True, help="HOST:PORT; repeat for several registries")
-    serve.add_argument("--model", default="smollm2-135m", help="smollm2-135m, tiny, or a local HF folder")
-    serve.add_argument("--blocks", required=True, help="START:END, END exclusive (e.g. 0:15)")
-    serve.add_argument("--adapter", help="PEFT LoRA folder to merge into the blocks (e.g. a run's adapter/)")
-    add_arguments(serve, ServeOptions)
-    _security(serve, server=True)
-    serve.set_defaults(handler=run_serve)
-
+def add_commands(commands: argparse._SubParsersAction) -> None:
     generate = commands.add_parser("generate", help="greedy generation through the swarm")
     _client(generate)
     generate.add_argument("prompt", help="text to continue")
@@ -50,14 +25,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     ppl.set_defaults(handler=run_perplexity)
 
 
-def _security(parser: argparse.ArgumentParser, server: bool) -> None:
-    parser.add_argument("--token", default=None, help=SECURITY_HELP)
-    parser.add_argument("--tls-ca", help="CA certificate (PEM) that signed the swarm's server certificates")
-    if server:
-        parser.add_argument("--tls-cert", help="this server's certificate chain (PEM); enables TLS")
-        parser.add_argument("--tls-key", help="this server's private key (PEM)")
-
-
 def _client(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--registry", action="append", required=True, help="HOST:PORT; repeat for several registries")
     parser.add_argument("--model", default="", help="model to use (default: the one the servers announce)")
@@ -65,54 +32,23 @@ def _client(parser: argparse.ArgumentParser) -> None:
     adapter.add_argument("--adapter-id", default=None, help="adapter to use ('' for none; default: the servers')")
     adapter.add_argument("--adapter", default=None, help="use servers that merged this PEFT adapter folder")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    _security(parser, server=False)
-
-
-def _security_of(args: argparse.Namespace) -> object:
-    from fedswarm.protos.transport import security_from_args
-
-    return security_from_args(args.token, args.tls_ca, getattr(args, "tls_cert", None), getattr(args, "tls_key", None))
-
-
-def run_registry(args: argparse.Namespace) -> int:
-    from fedswarm.server.swarm.registry import run_registry as run
-
-    return run(args.host, args.port, _security_of(args))  # type: ignore[arg-type]
-
-
-def run_serve(args: argparse.Namespace) -> int:
-    from fedswarm.common.config import from_args
-    from fedswarm.common.model import parse_model
-    from fedswarm.server.swarm.adapter import check_adapter_folder
-    from fedswarm.server.swarm.options import ServeConfig, ServeOptions
-    from fedswarm.server.swarm.server import parse_blocks, registries_arg, run_server
-
-    start, end = parse_blocks(args.blocks)
-    cfg = ServeConfig(
-        spec=parse_model(args.model),
-        start=start,
-        end=end,
-        registries=registries_arg(args.registry),
-        adapter=check_adapter_folder(args.adapter) if args.adapter else None,
-        options=from_args(ServeOptions, args),
-    )
-    return run_server(cfg, _security_of(args))  # type: ignore[arg-type]
+    add_security(parser, server=False)
 
 
 def _connect(args: argparse.Namespace) -> tuple[object, object, object]:
     """Client, model and tokenizer for the model the swarm serves."""
     from fedswarm.client.swarm.client import SwarmClient
+    from fedswarm.common.addresses import registries_arg
     from fedswarm.common.model import load_tokenizer, parse_model
-    from fedswarm.server.swarm.server import registries_arg
 
     if args.model:
         args.model = parse_model(args.model).model_id
     if args.adapter:
-        from fedswarm.server.swarm.adapter import adapter_id, check_adapter_folder
+        from fedswarm.common.adapter_files import adapter_id, check_adapter_folder
 
         args.adapter_id = adapter_id(check_adapter_folder(args.adapter))
     # the registries first: their errors should not wait for torch to import
-    client = SwarmClient(registries_arg(args.registry), _security_of(args), args.model, args.adapter_id)  # type: ignore[arg-type]
+    client = SwarmClient(registries_arg(args.registry), security_of(args), args.model, args.adapter_id)  # type: ignore[arg-type]
     import torch
 
     from fedswarm.client.swarm.head import load_head

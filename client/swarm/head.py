@@ -49,8 +49,8 @@ def load_head(spec: ModelSpec) -> LocalHead:
         return LocalHead(full.model.embed_tokens, full.model.norm, full.lm_head)
     from transformers import AutoConfig
 
-    from fedswarm.server.swarm.blocks import model_folder
-    from fedswarm.server.swarm.weights import read_tensors
+    from fedswarm.common.model import model_folder
+    from fedswarm.common.weights import read_tensors
 
     folder = model_folder(spec)
     config = AutoConfig.from_pretrained(folder)

@@ -42,7 +42,7 @@ def examples(data: str, max_samples: int) -> list[Example]:
 
 def simulated_shard(node_config: Mapping[str, Any], cfg: FederationConfig) -> Shard:
     """This virtual node's partition of the shared pool (the held-out split excluded)."""
-    from fedswarm.simulation.partition import parse_partition, partition
+    from fedswarm.common.partition import parse_partition, partition
 
     pid, parts = int(node_config["partition-id"]), int(node_config["num-partitions"])
     records = examples(cfg.data, cfg.max_samples)

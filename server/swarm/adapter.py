@@ -7,37 +7,19 @@ is announced, so clients never route one generation through differently adapted 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from fedswarm.common.adapter_files import adapter_id
 from fedswarm.common.errors import FedswarmError
 
 if TYPE_CHECKING:
     from fedswarm.server.swarm.blocks import SpanModel
 
 _LORA_KEY = re.compile(r"^base_model\.model\.model\.layers\.(\d+)\.(.+)\.lora_([AB])\.weight$")
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
-
-
-def adapter_id(folder: Path) -> str:
-    """A short digest of the adapter's config and weights: equal ids mean identical adapters."""
-    digest = hashlib.sha256()
-    for name in ADAPTER_FILES:
-        digest.update((folder / name).read_bytes())
-    return digest.hexdigest()[:16]
-
-
-def check_adapter_folder(value: str) -> Path:
-    """Validate ``--adapter DIR``: a PEFT LoRA folder (e.g. a federated run's ``adapter/``)."""
-    folder = Path(value).expanduser()
-    missing = [name for name in ADAPTER_FILES if not (folder / name).is_file()]
-    if missing:
-        raise FedswarmError(f"--adapter {value!r}: not a PEFT adapter folder (missing {', '.join(missing)})")
-    return folder
 
 
 def merge_adapter(span: SpanModel, folder: Path) -> str:

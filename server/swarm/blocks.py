@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from fedswarm.common.errors import FedswarmError
-from fedswarm.common.model import ModelSpec
+from fedswarm.common.model import ModelSpec, model_folder
 
 if TYPE_CHECKING:
     import torch
@@ -141,7 +141,7 @@ def load_span(spec: ModelSpec, start: int, end: int, device: str = "cpu") -> Spa
     import torch
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
 
-    from fedswarm.server.swarm.weights import read_tensors
+    from fedswarm.common.weights import read_tensors
 
     config = _config(spec)
     total = int(config.num_hidden_layers)
@@ -167,7 +167,7 @@ def load_span(spec: ModelSpec, start: int, end: int, device: str = "cpu") -> Spa
 
 def block_bytes(spec: ModelSpec, start: int, end: int) -> int:
     """Bytes of blocks ``start..end-1`` in the model's files, without loading them."""
-    from fedswarm.server.swarm.weights import tensor_bytes
+    from fedswarm.common.weights import tensor_bytes
 
     return tensor_bytes(model_folder(spec), lambda n: _in_span(n, start, end))
 
@@ -202,12 +202,3 @@ def _config(spec: ModelSpec) -> Any:
     if config.model_type != "llama":
         raise FedswarmError(f"--model: the swarm serves Llama-architecture models, this one is {config.model_type!r}")
     return config
-
-
-def model_folder(spec: ModelSpec) -> Any:
-    """The HF folder behind a spec (the cached conversion for the default model)."""
-    if spec.path is not None:
-        return spec.path
-    from fedswarm.common.gguf_convert import smollm2_folder
-
-    return smollm2_folder()

@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 import signal
 import threading
-from collections.abc import Sequence
 from concurrent import futures
 from typing import Any
 
@@ -107,17 +106,3 @@ def _version() -> str:
         return version("fedswarm")
     except PackageNotFoundError:
         return "dev"
-
-
-def registries_arg(values: Sequence[str]) -> tuple[str, ...]:
-    """``--registry`` may repeat or hold a comma list; each entry must be host:port."""
-    from fedswarm.common.errors import FedswarmError
-
-    out = tuple(a.strip() for value in values for a in value.split(",") if a.strip())
-    for address in out:
-        host, _, port = address.rpartition(":")
-        if not host or not port.isdigit():
-            raise FedswarmError(f"--registry {address!r}: expected HOST:PORT")
-    if not out:
-        raise FedswarmError("--registry: give at least one HOST:PORT")
-    return out
