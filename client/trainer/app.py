@@ -12,10 +12,11 @@ from typing import TYPE_CHECKING
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedswarm.client.trainer.drift import CONTROL_KEY, DriftCorrection
-from fedswarm.client.trainer.node_round import PRIVACY_KEY, node_rank, prepare_adapter, train_round
+from fedswarm.client.trainer.drift import DriftCorrection
+from fedswarm.client.trainer.node_round import node_rank, prepare_adapter, train_round
 from fedswarm.client.trainer.runtime import Shard, lora_model, shard_for
 from fedswarm.common.config import FederationConfig, from_run_config
+from fedswarm.common.contract import CONTROL_KEY, NODE_INFO_KEY, PRIVACY_KEY, Reply, Sent
 
 if TYPE_CHECKING:
     from peft import PeftModel
@@ -56,14 +57,14 @@ def _prepare(msg: Message, context: Context) -> Prepared:
     rank = node_rank(cfg, context.node_config, shard.partition_id)
     model, tokenizer = lora_model(cfg.model, rank, cfg.lora_alpha, cfg.seed, device, cfg.quantize_base)
     prepare_adapter(model, cfg, msg.content["arrays"].to_torch_state_dict(), rank)
-    return Prepared(cfg, int(config.get("server-round", 0)), device, shard, rank, model, tokenizer)
+    return Prepared(cfg, int(config.get(Sent.SERVER_ROUND, 0)), device, shard, rank, model, tokenizer)
 
 
 def _privacy_history(msg: Message, context: Context) -> str | None:
     """The node's own accountant state; else the coordinator's copy (e.g. after a node restart)."""
     if PRIVACY_KEY in context.state:
         return str(context.state[PRIVACY_KEY]["history"])
-    sent = msg.content["config"].get("dp-history")
+    sent = msg.content["config"].get(Sent.DP_HISTORY)
     return str(sent) if sent else None
 
 
@@ -93,12 +94,12 @@ def train(msg: Message, context: Context) -> Message:
         context.state[PRIVACY_KEY] = ConfigRecord({"history": out.privacy_history})
     metrics = {
         **out.metrics,
-        "num-examples": len(job.shard.train),
-        "unit-weight": 1,
-        "lora-rank": job.rank,
-        "peak-rss-mb": peak_rss_mb(),
+        Reply.NUM_EXAMPLES: len(job.shard.train),
+        Reply.UNIT_WEIGHT: 1,
+        Reply.LORA_RANK: job.rank,
+        Reply.PEAK_RSS_MB: peak_rss_mb(),
     }
-    content = RecordDict({"metrics": MetricRecord(metrics), "node-info": ConfigRecord(node_info(job.device))})
+    content = RecordDict({"metrics": MetricRecord(metrics), NODE_INFO_KEY: ConfigRecord(node_info(job.device))})
     if out.state is not None:
         content["arrays"] = ArrayRecord(out.state)
     if drift is not None and out.state is not None:  # this round's c_i: kept on the node, sent for c
@@ -118,7 +119,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     job = _prepare(msg, context)
     examples = job.shard.validation or job.shard.train[:8]
     result = run_eval(job.model, job.tokenizer, examples, job.cfg.max_seq_len)
-    values: dict[str, float | int] = {"eval-loss": result.loss, "num-examples": result.examples}
+    values: dict[str, float | int] = {Reply.EVAL_LOSS: result.loss, Reply.NUM_EXAMPLES: result.examples}
     if result.accuracy is not None:
-        values["eval-accuracy"] = result.accuracy
+        values[Reply.EVAL_ACCURACY] = result.accuracy
     return Message(content=RecordDict({"metrics": MetricRecord(values)}), reply_to=msg)

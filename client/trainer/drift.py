@@ -19,8 +19,6 @@ if TYPE_CHECKING:
     import torch
     from peft import PeftModel
 
-CONTROL_KEY = "control"  # ArrayRecord name: in train messages (c), replies and Context.state (c_i)
-
 
 class DriftCorrection:
     """Collects the mean raw gradient of a round and corrects each step by ``server - own``.

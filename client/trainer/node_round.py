@@ -9,13 +9,12 @@ from typing import TYPE_CHECKING, Any
 
 from fedswarm.client.trainer.runtime import Shard
 from fedswarm.common.config import FederationConfig
+from fedswarm.common.contract import Reply
 
 if TYPE_CHECKING:
     import torch
     from peft import PeftModel
     from transformers import PreTrainedTokenizerBase
-
-PRIVACY_KEY = "privacy"  # ConfigRecord in the node's Context.state and in replies
 
 
 @dataclass(frozen=True)
@@ -77,7 +76,7 @@ def train_round(
         model, tokenizer, shard.train, cfg.local_steps, cfg.batch_size, cfg.learning_rate,
         cfg.max_seq_len, seed, cfg.precision, on_grads, cfg.balance_labels,
     )  # fmt: skip
-    metrics = {"train-loss": result.loss, "steps": result.steps, "seconds": result.seconds}
+    metrics = {Reply.TRAIN_LOSS: result.loss, Reply.STEPS: result.steps, Reply.SECONDS: result.seconds}
     return RoundOutput(outgoing(model, cfg), metrics, None)
 
 
@@ -106,7 +105,7 @@ def _train_dp(
         if projected > cfg.epsilon * (1 + 1e-9):
             note = f"declined: the next round would reach epsilon {projected:.3f} ({cfg.accountant})"
             note += f" > budget {cfg.epsilon}"
-            metrics = {**base, "declined": 1, "projected-epsilon": projected}
+            metrics = {**base, Reply.DECLINED: 1, Reply.PROJECTED_EPSILON: projected}
             return RoundOutput(None, metrics, accountant.dumps(), note)
     result = train_lora_dp(
         model, tokenizer, shard.train, cfg.local_steps, cfg.dp_lr(), cfg.max_seq_len, settings, accountant,
@@ -114,11 +113,11 @@ def _train_dp(
     )  # fmt: skip
     metrics = {
         **_privacy_metrics(settings, result.epsilon, result.steps),
-        "train-loss": result.loss,
-        "seconds": result.seconds,
-        "empty-batches": result.empty_batches,
-        "dp-steps-total": accountant.steps,
-        "expected-batch": float(rates.sum()),
+        Reply.TRAIN_LOSS: result.loss,
+        Reply.SECONDS: result.seconds,
+        Reply.EMPTY_BATCHES: result.empty_batches,
+        Reply.DP_STEPS_TOTAL: accountant.steps,
+        Reply.EXPECTED_BATCH: float(rates.sum()),
     }
     return RoundOutput(outgoing(model, cfg), metrics, accountant.dumps())
 
@@ -141,10 +140,10 @@ def _device_of(model: PeftModel) -> str:
 
 def _privacy_metrics(settings: Any, epsilon: float, steps: int) -> dict[str, float | int]:
     return {
-        "epsilon": epsilon,
-        "delta": settings.delta,
-        "noise-multiplier": settings.noise_multiplier,
-        "max-grad-norm": settings.max_grad_norm,
-        "sample-rate": settings.sample_rate,
-        "steps": steps,
+        Reply.EPSILON: epsilon,
+        Reply.DELTA: settings.delta,
+        Reply.NOISE_MULTIPLIER: settings.noise_multiplier,
+        Reply.MAX_GRAD_NORM: settings.max_grad_norm,
+        Reply.SAMPLE_RATE: settings.sample_rate,
+        Reply.STEPS: steps,
     }

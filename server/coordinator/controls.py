@@ -14,10 +14,10 @@ from typing import TYPE_CHECKING
 
 from flwr.app import ArrayRecord, Message
 
+from fedswarm.common.contract import CONTROL_KEY, Reply
+
 if TYPE_CHECKING:
     import torch
-
-CONTROL_KEY = "control"  # ArrayRecord name in train messages and replies (as the ClientApp's)
 
 
 def pop_mean_control(replies: Sequence[Message]) -> dict[str, torch.Tensor]:
@@ -26,7 +26,7 @@ def pop_mean_control(replies: Sequence[Message]) -> dict[str, torch.Tensor]:
     The control records leave the replies, so the strategy sees one ArrayRecord per reply
     (the adapter), as Flower's FedAvg requires.
     """
-    weights = [float(r.content["metrics"]["num-examples"]) for r in replies]
+    weights = [float(r.content["metrics"][Reply.NUM_EXAMPLES]) for r in replies]
     total = sum(weights)
     out: dict[str, torch.Tensor] = {}
     for weight, reply in zip(weights, replies, strict=True):

@@ -12,6 +12,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
 from fedswarm.common.config import FederationConfig
+from fedswarm.common.contract import NODE_INFO_KEY, Reply, Sent
 from fedswarm.common.errors import FedswarmError
 from fedswarm.common.stop import check_stop
 from fedswarm.server.coordinator.aggregation import apply_server_lr
@@ -62,7 +63,7 @@ def run_federation(grid: Grid, cfg: FederationConfig) -> dict[str, Any]:
         wanted = cfg.clients if round_no == first_round + 1 else cfg.needed_clients()  # everyone, at the start
         node_ids = wait_for_nodes(grid, wanted, cfg.needed_clients(), NODE_WAIT_SECONDS)
         log.info("round %d/%d: training on %d clients", round_no, cfg.rounds, len(node_ids))
-        config = ConfigRecord({**cfg.to_run_config(), "server-round": round_no})
+        config = ConfigRecord({**cfg.to_run_config(), Sent.SERVER_ROUND: round_no})
         arrays = ArrayRecord(outgoing_state(cfg, state, None))
         messages = personalise(strategy.configure_train(round_no, arrays, config, grid), cfg, state, book)
         attach_control(messages, control)  # None unless --scaffold, and before round 1's c
@@ -164,12 +165,12 @@ def _progress(round_no: int) -> Any:
             log.warning("round %d: client %d/%d failed: %s", round_no, done, total, reply.error.reason)
             return
         metrics = reply.content["metrics"]
-        if int(metrics.get("declined", 0)):
+        if int(metrics.get(Reply.DECLINED, 0)):
             log.warning("round %d: client %d/%d declined: %s", round_no, done, total, reply.content["privacy"]["note"])
             return
         log.info(
             "round %d: client %d/%d done (loss %.4f, %d steps, %.1f s%s)",
-            round_no, done, total, metrics["train-loss"], metrics["steps"], metrics["seconds"],
+            round_no, done, total, metrics[Reply.TRAIN_LOSS], metrics[Reply.STEPS], metrics[Reply.SECONDS],
             f", epsilon {metrics['epsilon']:.3f}, {metrics['sample-rate']:.4f} x {metrics['noise-multiplier']:.3f}"
             if "epsilon" in metrics else "",
         )  # fmt: skip
@@ -189,7 +190,7 @@ def _federated_eval(
     metrics = strategy.aggregate_evaluate(round_no, collected.replies)
     if metrics is None:
         return {}
-    return {f"node_{k.replace('-', '_')}": v for k, v in metrics.items() if k != "num-examples"}
+    return {f"node_{k.replace('-', '_')}": v for k, v in metrics.items() if k != Reply.NUM_EXAMPLES}
 
 
 def _central_privacy(strategy: Any, cfg: FederationConfig) -> dict[str, Any]:
@@ -207,7 +208,7 @@ def _row(
         "round": round_no,
         "eval_loss": result.loss,
         "eval_accuracy": result.accuracy,
-        "train_loss": train.get("train-loss"),
+        "train_loss": train.get(Reply.TRAIN_LOSS),
         "clients": len(trained),
         "failures": len(collected.failures),
         "bytes_down": collected.bytes_down,
@@ -215,7 +216,7 @@ def _row(
         "seconds": seconds,
         "eval_seconds": eval_s,
         "client_seconds": train.get("seconds"),
-        "client_peak_rss_mb": max(float(r.content["metrics"]["peak-rss-mb"]) for r in trained),
+        "client_peak_rss_mb": max(float(r.content["metrics"][Reply.PEAK_RSS_MB]) for r in trained),
         "per_client": [_client_detail(r) for r in trained],
     }
 
@@ -224,16 +225,16 @@ def _client_detail(reply: Message) -> dict[str, Any]:
     metrics = reply.content["metrics"]
     detail = {
         "node": int(reply.metadata.src_node_id),
-        "examples": int(metrics["num-examples"]),
-        "train_loss": float(metrics["train-loss"]),
-        "seconds": float(metrics["seconds"]),
-        "peak_rss_mb": float(metrics["peak-rss-mb"]),
-        "lora_rank": int(metrics["lora-rank"]),
+        "examples": int(metrics[Reply.NUM_EXAMPLES]),
+        "train_loss": float(metrics[Reply.TRAIN_LOSS]),
+        "seconds": float(metrics[Reply.SECONDS]),
+        "peak_rss_mb": float(metrics[Reply.PEAK_RSS_MB]),
+        "lora_rank": int(metrics[Reply.LORA_RANK]),
     }
     if "epsilon" in metrics:
-        detail["epsilon"] = float(metrics["epsilon"])
-    if "node-info" in reply.content:  # where the client ran: host, Ray node, device
-        detail.update({k.replace("-", "_"): v for k, v in reply.content["node-info"].items()})
+        detail["epsilon"] = float(metrics[Reply.EPSILON])
+    if NODE_INFO_KEY in reply.content:  # where the client ran: host, Ray node, device
+        detail.update({k.replace("-", "_"): v for k, v in reply.content[NODE_INFO_KEY].items()})
     return detail
 
 

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 from flwr.app import Message
 
 from fedswarm.common.config import FederationConfig
-from fedswarm.server.coordinator.controls import CONTROL_KEY
+from fedswarm.common.contract import CONTROL_KEY, Reply
 
 if TYPE_CHECKING:
     import torch
@@ -57,10 +57,10 @@ def reply_problem(reply: Message, cfg: FederationConfig, sent: dict[str, torch.T
     if "metrics" not in reply.content.metric_records:
         return "no metrics record"
     metrics = reply.content.metric_records["metrics"]
-    weight = metrics.get("num-examples")
+    weight = metrics.get(Reply.NUM_EXAMPLES)
     if isinstance(weight, bool) or not isinstance(weight, int | float) or not math.isfinite(weight) or weight <= 0:
         return f"num-examples must be a positive number, got {weight!r}"
-    if int(metrics.get("declined", 0)):
+    if int(metrics.get(Reply.DECLINED, 0)):
         return None
     if "arrays" not in reply.content.array_records:
         return "no adapter (arrays record)"
@@ -70,7 +70,7 @@ def reply_problem(reply: Message, cfg: FederationConfig, sent: dict[str, torch.T
         state = reply.content.array_records["arrays"].to_torch_state_dict()
     except Exception as exc:  # noqa: BLE001 - a payload that does not decode is malformed, whatever the cause
         return f"adapter does not decode: {exc}"
-    expected = _expected_shapes(sent, cfg, metrics.get("lora-rank"))
+    expected = _expected_shapes(sent, cfg, metrics.get(Reply.LORA_RANK))
     problem = tensor_problem(state, expected, sent, cfg.max_update_norm)
     if problem is None and cfg.scaffold:
         problem = control_problem(reply, expected)

@@ -14,10 +14,9 @@ from typing import Any
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 
 from fedswarm.common.config import FederationConfig
+from fedswarm.common.contract import PRIVACY_KEY, Reply, Sent
 from fedswarm.server.coordinator.aggregation import Client, residual, server_step
 from fedswarm.server.coordinator.strategy import LoraSvd, client_of
-
-PRIVACY_KEY = "privacy"
 
 
 @dataclass
@@ -59,7 +58,7 @@ def personalise(messages: Iterable[Message], cfg: FederationConfig, state: dict,
         node = msg.metadata.dst_node_id
         config = ConfigRecord(dict(msg.content["config"]))
         if node in book.privacy:
-            config["dp-history"] = book.privacy[node]
+            config[Sent.DP_HISTORY] = book.privacy[node]
         if cfg.aggregation == "svd" and node in book.ranks:
             arrays = ArrayRecord(outgoing_state(cfg, state, book.ranks[node]))
         else:
@@ -75,11 +74,11 @@ def learn_from(replies: list[Message], book: NodeBook) -> tuple[list[Message], l
     for reply in replies:
         node = reply.metadata.src_node_id
         metrics = reply.content["metrics"]
-        if "lora-rank" in metrics:
-            book.ranks[node] = int(metrics["lora-rank"])
+        if Reply.LORA_RANK in metrics:
+            book.ranks[node] = int(metrics[Reply.LORA_RANK])
         if PRIVACY_KEY in reply.content:
             book.privacy[node] = str(reply.content[PRIVACY_KEY]["history"])
-        (declined if int(metrics.get("declined", 0)) else trained).append(reply)
+        (declined if int(metrics.get(Reply.DECLINED, 0)) else trained).append(reply)
     return trained, declined
 
 
@@ -93,8 +92,8 @@ def privacy_row(replies: list[Message], declined: list[Message]) -> dict[str, An
         "epsilon_max": max(eps),
         "epsilon_mean": sum(eps) / len(eps),
         "delta": float(first["delta"]),
-        "noise_multiplier": float(first["noise-multiplier"]),
-        "max_grad_norm": float(first["max-grad-norm"]),
+        "noise_multiplier": float(first[Reply.NOISE_MULTIPLIER]),
+        "max_grad_norm": float(first[Reply.MAX_GRAD_NORM]),
         "declined": len(declined),
         "declined_notes": [str(r.content[PRIVACY_KEY]["note"]) for r in declined if PRIVACY_KEY in r.content],
     }

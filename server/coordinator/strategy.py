@@ -20,13 +20,16 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Strategy
 
 from fedswarm.common.config import FederationConfig
+from fedswarm.common.contract import Reply
 from fedswarm.server.coordinator.aggregation import Client, server_step, svd_aggregate, svd_state
 
 
 class LoraFedAvg(FedAvg):
     """Flower's FedAvg over the LoRA arrays (its aggregate_train, untouched)."""
 
-    def __init__(self, min_clients: int, fraction_evaluate: float = 0.0, weighted_by_key: str = "num-examples") -> None:
+    def __init__(
+        self, min_clients: int, fraction_evaluate: float = 0.0, weighted_by_key: str = Reply.NUM_EXAMPLES
+    ) -> None:
         super().__init__(
             fraction_train=1.0,
             fraction_evaluate=fraction_evaluate,
@@ -84,7 +87,7 @@ def client_of(reply: Message, alpha: float, fixed: dict | None = None) -> Client
     state = reply.content["arrays"].to_torch_state_dict()
     if fixed:
         state = {**fixed, **state}
-    weight = float(reply.content["metrics"]["num-examples"])
+    weight = float(reply.content["metrics"][Reply.NUM_EXAMPLES])
     return Client(state, weight, alpha / lora_rank_of(state))
 
 
@@ -107,7 +110,7 @@ def build_strategy(cfg: FederationConfig, min_clients: int) -> Strategy:
         )
     )
     return DifferentialPrivacyServerSideFixedClipping(
-        LoraFedAvg(min_clients, cfg.fraction_evaluate, weighted_by_key="unit-weight"),
+        LoraFedAvg(min_clients, cfg.fraction_evaluate, weighted_by_key=Reply.UNIT_WEIGHT),
         noise_multiplier=cfg.central_noise,
         clipping_norm=cfg.central_clip,
         num_sampled_clients=cfg.clients,

@@ -1,0 +1,44 @@
+"""The coordinator-node contract: record names and keys both ends of a train/evaluate message use.
+
+Roles meet only on the wire; these names are the wire's vocabulary, defined once here so
+a rename cannot reach one end only. Metric values are Flower ``MetricRecord`` numbers.
+"""
+
+from __future__ import annotations
+
+# Records in a message's RecordDict (and, for PRIVACY_KEY and CONTROL_KEY, in the node's Context.state)
+PRIVACY_KEY = "privacy"  # ConfigRecord: the node's accountant history (JSON) and its decline note
+CONTROL_KEY = "control"  # ArrayRecord: SCAFFOLD's c (to nodes) and c_i (from them; kept in node state)
+NODE_INFO_KEY = "node-info"  # ConfigRecord: where a reply was computed (host, Ray node, device)
+
+
+class Sent:
+    """Keys of the coordinator's train/evaluate ConfigRecord (besides the run config itself)."""
+
+    SERVER_ROUND = "server-round"
+    DP_HISTORY = "dp-history"  # the coordinator's copy of the node's accountant history
+
+
+class Reply:
+    """Keys of a node's reply MetricRecord."""
+
+    TRAIN_LOSS = "train-loss"
+    STEPS = "steps"
+    SECONDS = "seconds"
+    NUM_EXAMPLES = "num-examples"
+    UNIT_WEIGHT = "unit-weight"  # 1 for every node: weighting by node, not by examples
+    LORA_RANK = "lora-rank"
+    PEAK_RSS_MB = "peak-rss-mb"
+    EVAL_LOSS = "eval-loss"
+    EVAL_ACCURACY = "eval-accuracy"
+    # local DP
+    EPSILON = "epsilon"
+    DELTA = "delta"
+    NOISE_MULTIPLIER = "noise-multiplier"
+    MAX_GRAD_NORM = "max-grad-norm"
+    SAMPLE_RATE = "sample-rate"
+    DECLINED = "declined"
+    PROJECTED_EPSILON = "projected-epsilon"
+    EMPTY_BATCHES = "empty-batches"
+    DP_STEPS_TOTAL = "dp-steps-total"
+    EXPECTED_BATCH = "expected-batch"
