@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from fedswarm.common.data import Example
 
 HOLDOUT_SALT = 7919  # keeps the held-out permutation independent of the partitioning seeds
 
@@ -24,6 +29,33 @@ def holdout_split(n: int, eval_size: int, seed: int) -> Split:
         raise ValueError(f"the data has {n} records: too few for a held-out split of {eval_size} plus training")
     perm = np.random.default_rng([seed, HOLDOUT_SALT]).permutation(n)
     return Split(holdout=np.sort(perm[:eval_size]), train=np.sort(perm[eval_size:]))
+
+
+@functools.lru_cache(maxsize=2)
+def run_records(data: str, max_samples: int, eval_size: int, seed: int) -> tuple[list[Example], Split]:
+    """A run's records and its held-out split: the one place that decides what is never trained on.
+
+    The coordinator evaluates on ``split.holdout``, simulated nodes partition ``split.train``,
+    and the edge export's parity check reads held-out texts from the same split (cached: a
+    node process reuses it every round).
+    """
+    from fedswarm.common.data import load_examples
+
+    records = load_examples(data, max_samples)
+    return records, holdout_split(len(records), eval_size, seed)
+
+
+def run_records_of(config: Mapping[str, Any]) -> tuple[list[Example], Split]:
+    """``run_records`` for a finished run's ``summary.json`` config (FederationConfig's defaults where absent)."""
+    from fedswarm.common.config import FederationConfig
+
+    default = FederationConfig()
+    return run_records(
+        str(config.get("data") or default.data),
+        int(config.get("max_samples") or default.max_samples),
+        int(config.get("eval_size") or default.eval_size),
+        int(config.get("seed") or default.seed),
+    )
 
 
 def node_slices(indices: Sequence[int], val_fraction: float = 0.1, max_val: int = 32) -> tuple[list[int], list[int]]:

@@ -94,13 +94,9 @@ def _run_texts(
     tokenizer: PreTrainedTokenizerBase, run: RunInfo, samples: int, max_len: int, held_out: bool
 ) -> list[list[int]]:
     from fedswarm.common.batches import encode
-    from fedswarm.common.data import DEFAULT_DATA, load_examples
-    from fedswarm.common.splits import holdout_split
+    from fedswarm.common.splits import run_records_of
 
-    cfg = run.config
-    records = load_examples(str(cfg.get("data") or DEFAULT_DATA), int(cfg.get("max_samples") or 0))
-    eval_size = min(int(cfg.get("eval_size") or 200), max(1, len(records) - 2))
-    split = holdout_split(len(records), eval_size, int(cfg.get("seed") or 0))
+    records, split = run_records_of(run.config)
     picked = (split.holdout if held_out else split.train)[:samples]
     return [list(encode(tokenizer, records[int(i)], max_len).input_ids) for i in picked]
 

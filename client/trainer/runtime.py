@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from fedswarm.common.config import FederationConfig
 from fedswarm.common.data import Example, load_examples
-from fedswarm.common.splits import holdout_split, node_slices
+from fedswarm.common.splits import node_slices, run_records
 
 if TYPE_CHECKING:
     from peft import PeftModel
@@ -45,8 +45,7 @@ def simulated_shard(node_config: Mapping[str, Any], cfg: FederationConfig) -> Sh
     from fedswarm.common.partition import parse_partition, partition
 
     pid, parts = int(node_config["partition-id"]), int(node_config["num-partitions"])
-    records = examples(cfg.data, cfg.max_samples)
-    split = holdout_split(len(records), cfg.eval_size, cfg.seed)
+    records, split = run_records(cfg.data, cfg.max_samples, cfg.eval_size, cfg.seed)
     labels = [records[i].label for i in split.train]
     mine = partition(split.train.tolist(), labels, parts, parse_partition(cfg.partition), cfg.seed)[pid]
     train, validation = node_slices(mine)

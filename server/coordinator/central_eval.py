@@ -7,11 +7,11 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 from fedswarm.common.config import FederationConfig
-from fedswarm.common.data import Example, load_examples
+from fedswarm.common.data import Example
 from fedswarm.common.evaluate import EvalResult, constant_answer, evaluate
 from fedswarm.common.lora import adapter_state, attach_lora, load_adapter_state
 from fedswarm.common.model import load_model, load_tokenizer
-from fedswarm.common.splits import holdout_split
+from fedswarm.common.splits import run_records
 
 if TYPE_CHECKING:
     import torch
@@ -30,8 +30,7 @@ class CentralEvaluator:
         self.tokenizer = load_tokenizer(cfg.model)
         device = resolve_device(cfg.device)
         self.model = attach_lora(load_model(cfg.model, device=device), cfg.server_rank(), cfg.lora_alpha, cfg.seed)
-        records = load_examples(cfg.data, cfg.max_samples)
-        split = holdout_split(len(records), cfg.eval_size, cfg.seed)
+        records, split = run_records(cfg.data, cfg.max_samples, cfg.eval_size, cfg.seed)
         self.holdout: list[Example] = [records[i] for i in split.holdout]
         self.constant = constant_answer(self.holdout)  # (label, share): the accuracy floor
         self.last_seconds = 0.0
