@@ -33,6 +33,7 @@ import json
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 DP8 = ["--dp", "--epsilon", "8", "--delta", "1e-5"]
@@ -100,8 +101,11 @@ def federated(args: argparse.Namespace, extra: list[str], out: Path) -> list[dic
         "--partition", args.partition, "--eval-size", str(args.eval_size), "--learning-rate", str(args.learning_rate),
         "--server-lr", str(args.server_lr), "--seed", str(args.seed), "--out", str(out), *extra,
     ]  # fmt: skip
+    started = time.perf_counter()
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rows[-1]["wall_s"] = time.perf_counter() - started  # the whole command, start-up included
+    return rows
 
 
 def constant_answer(args: argparse.Namespace) -> float:
@@ -140,6 +144,7 @@ def one_seed(args: argparse.Namespace, wanted: set[str]) -> dict[str, tuple[floa
             note += ", by round " + "/".join(f"{r['eval_accuracy']:.2f}" for r in rows[1:])
             note += f", residual {last.get('aggregation_residual', 0):.1e}"
             note += f", epsilon {last['epsilon_max']:.2f}" if "epsilon_max" in last else ""
+            note += f", wall {last['wall_s']:.0f} s"
             results[name] = (before, after, note)
             record(args, name, after, float(last["eval_loss"]), extra)
             print(f"{name}: {before:.3f} -> {after:.3f} {note}", flush=True)

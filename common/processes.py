@@ -144,11 +144,11 @@ def stop_tree(proc: subprocess.Popen, grace: float = 10.0) -> None:
 
 
 def _descendants(pid: int) -> list[int]:
-    try:
-        import psutil
+    import psutil
 
+    try:
         return [p.pid for p in psutil.Process(pid).children(recursive=True)]
-    except Exception:  # noqa: BLE001 - psutil missing or the process gone: the process group still gets signals
+    except psutil.NoSuchProcess:  # already gone: its process group still gets the signals
         return []
 
 

@@ -52,6 +52,16 @@ def _tree(pid: int) -> list:
         return []
 
 
+def _running(process) -> bool:
+    """Still running (psutil checks the pid was not reused); a zombie has exited."""
+    import psutil
+
+    try:
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
 def _stop(proc: subprocess.Popen, grace: float = 20.0) -> None:
     """SIGTERM a fedswarm command (it stops the Flower processes it started); SIGKILL whatever is left."""
     import psutil
@@ -159,8 +169,10 @@ def deployment(tmp_path_factory):
             dep.start_node(i)
         yield dep
     finally:
+        # snapshot every process tree before stopping: once a parent is reaped its orphans are not its children
+        trees = [p for proc in dep.procs for p in _tree(proc.pid)]
         dep.stop_all()
-        leftovers = [p for proc in dep.procs for p in _tree(proc.pid)]
+        leftovers = [p for p in trees if _running(p)]
         assert not leftovers, f"processes left running: {leftovers}"
 
 
