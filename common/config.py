@@ -177,8 +177,15 @@ class FederationConfig:
         return self.lora_rank
 
     def to_run_config(self) -> dict[str, Any]:
-        """Flower run-config form (kebab-case keys)."""
-        return {run_key(f.name): getattr(self, f.name) for f in fields(self)}
+        """Flower run-config form (kebab-case keys).
+
+        ``lora-rank`` is 0 (auto) where the rank is the one auto picks for this ``dp`` setting:
+        the same configuration, and a deployment's app default then still follows ``--dp``.
+        """
+        out = {run_key(f.name): getattr(self, f.name) for f in fields(self)}
+        if self.lora_rank == (DP_LORA_RANK if self.dp else LORA_RANK):
+            out["lora-rank"] = 0
+        return out
 
 
 def run_key(name: str) -> str:

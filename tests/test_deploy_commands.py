@@ -97,7 +97,7 @@ def test_run_passes_only_the_settings_given_and_the_app_knows_every_key(tmp_path
     app_config = app_pyproject()["tool"]["flwr"]["app"]["config"]
     assert app_config == FederationConfig().to_run_config()
     project = tomllib.loads(Path(__file__).parents[1].joinpath("pyproject.toml").read_text())
-    assert set(project["tool"]["flwr"]["app"]["config"]) == set(app_config)  # pyproject.toml in sync
+    assert project["tool"]["flwr"]["app"]["config"] == app_config  # pyproject.toml in sync, keys and defaults
     home = tmp_path / "flwr"
     write_connection(home, "lab", "coord:9092", None, insecure=True)
     write_connection(home, "prod", "c2:9092", str(_ca(tmp_path)), insecure=False)

@@ -158,6 +158,14 @@ def test_dp_defaults_pick_a_small_lora_unless_told():
     assert FederationConfig(dp=True, epsilon=8, lora_rank=4).lora_rank == 4
     assert FederationConfig(dp=True, epsilon=8, dp_optimizer="sgd").dp_lr() == 0.5
     assert FederationConfig(dp=True, epsilon=8, learning_rate=1e-3).dp_lr() == 1e-3
+    # the run config keeps "auto", so an app default (deployment) still follows --dp; an explicit rank stays
+    from fedswarm.common.config import from_run_config
+
+    app_default = FederationConfig().to_run_config()
+    assert app_default["lora-rank"] == 0
+    assert from_run_config(FederationConfig, {**app_default, "dp": True, "epsilon": 8.0}).lora_rank == 2
+    explicit = FederationConfig(dp=True, epsilon=8, lora_rank=8).to_run_config()
+    assert from_run_config(FederationConfig, explicit).lora_rank == 8
 
 
 @pytest.mark.parametrize(
