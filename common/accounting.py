@@ -10,13 +10,15 @@ from __future__ import annotations
 import warnings
 from collections.abc import Sequence
 
+from fedswarm.common.errors import InputError
+
 ACCOUNTANTS = ("rdp", "prv")  # Opacus' Renyi-DP and privacy-loss-random-variable accountants
 PRV_EPS_ERROR = 0.01  # PRV's numerical epsilon tolerance (Opacus' default)
 
 
 def _check(kind: str) -> None:
     if kind not in ACCOUNTANTS:
-        raise ValueError(f"accountant must be one of {', '.join(ACCOUNTANTS)}, got {kind!r}")
+        raise InputError(f"accountant must be one of {', '.join(ACCOUNTANTS)}, got {kind!r}")
 
 
 def epsilon_of(history: Sequence[Sequence[float]], delta: float, kind: str = "rdp") -> float:

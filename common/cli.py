@@ -38,7 +38,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.handler(args) or 0)
-    except (FedswarmError, ValueError) as exc:
+    except FedswarmError as exc:  # the user's input; anything else is a bug and shows its traceback
         print(f"fedswarm {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -13,6 +13,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any, TypeVar
 
+from fedswarm.common.errors import InputError
+
 T = TypeVar("T")
 
 FLOWER_KEYS = {"rounds": "num-server-rounds"}
@@ -105,50 +107,50 @@ class FederationConfig:
         )  # fmt: skip
         for name in positive:
             if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+                raise InputError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.learning_rate <= 0:
-            raise ValueError(f"--learning-rate must be > 0, got {self.learning_rate}")
+            raise InputError(f"--learning-rate must be > 0, got {self.learning_rate}")
         if self.server_lr <= 0:
-            raise ValueError(f"--server-lr must be > 0, got {self.server_lr}")
+            raise InputError(f"--server-lr must be > 0, got {self.server_lr}")
         if self.precision not in ("auto", "bf16", "fp32"):
-            raise ValueError(f"--precision must be auto, bf16 or fp32, got {self.precision!r}")
+            raise InputError(f"--precision must be auto, bf16 or fp32, got {self.precision!r}")
         if not 0.0 <= self.fraction_evaluate <= 1.0:
-            raise ValueError(f"--fraction-evaluate must be within [0, 1], got {self.fraction_evaluate}")
+            raise InputError(f"--fraction-evaluate must be within [0, 1], got {self.fraction_evaluate}")
         if not 0 <= self.min_clients <= self.clients:
-            raise ValueError(f"--min-clients must be within [0, --clients={self.clients}], got {self.min_clients}")
+            raise InputError(f"--min-clients must be within [0, --clients={self.clients}], got {self.min_clients}")
         if self.round_timeout <= 0 or self.max_update_norm < 0:
-            raise ValueError("--round-timeout must be > 0 and --max-update-norm >= 0")
+            raise InputError("--round-timeout must be > 0 and --max-update-norm >= 0")
         if self.aggregation not in ("fedavg", "ffa", "svd"):
-            raise ValueError(f"--aggregation must be fedavg, ffa or svd, got {self.aggregation!r}")
+            raise InputError(f"--aggregation must be fedavg, ffa or svd, got {self.aggregation!r}")
         if self.dp and self.noise_multiplier <= 0 and self.epsilon <= 0:
-            raise ValueError("--dp needs --noise-multiplier > 0 or a target --epsilon > 0")
+            raise InputError("--dp needs --noise-multiplier > 0 or a target --epsilon > 0")
         if not 0 < self.delta < 1:
-            raise ValueError(f"--delta must be within (0, 1), got {self.delta}")
+            raise InputError(f"--delta must be within (0, 1), got {self.delta}")
         if self.max_grad_norm <= 0 or self.central_clip <= 0:
-            raise ValueError("--max-grad-norm and --central-clip must be > 0")
+            raise InputError("--max-grad-norm and --central-clip must be > 0")
         if self.dp_optimizer not in ("adam", "sgd"):
-            raise ValueError(f"--dp-optimizer must be adam or sgd, got {self.dp_optimizer!r}")
+            raise InputError(f"--dp-optimizer must be adam or sgd, got {self.dp_optimizer!r}")
         if self.dp_learning_rate < 0:
-            raise ValueError(f"--dp-learning-rate must be > 0 (or 0: the default), got {self.dp_learning_rate}")
+            raise InputError(f"--dp-learning-rate must be > 0 (or 0: the default), got {self.dp_learning_rate}")
         if not 0 <= self.dp_momentum < 1:
-            raise ValueError(f"--dp-momentum must be within [0, 1), got {self.dp_momentum}")
+            raise InputError(f"--dp-momentum must be within [0, 1), got {self.dp_momentum}")
         if self.accountant not in ("rdp", "prv"):
-            raise ValueError(f"--accountant must be rdp or prv, got {self.accountant!r}")
+            raise InputError(f"--accountant must be rdp or prv, got {self.accountant!r}")
         if self.scaffold and self.aggregation == "svd":
-            raise ValueError("--scaffold works with --aggregation fedavg or ffa (svd re-bases the factors each round)")
+            raise InputError("--scaffold works with --aggregation fedavg or ffa (svd re-bases the factors each round)")
         if self.scaffold and self.central_dp:
-            raise ValueError(
+            raise InputError(
                 "--scaffold with --central-dp would send each node's mean gradient (c_i) outside the central DP "
                 "guarantee; use --dp (local DP covers c_i) or drop one of them"
             )
         if self.central_dp and self.aggregation == "svd":
-            raise ValueError("--central-dp works with --aggregation fedavg or ffa (it wraps FedAvg)")
+            raise InputError("--central-dp works with --aggregation fedavg or ffa (it wraps FedAvg)")
         if self.client_ranks and (self.aggregation != "svd" and len(set(self.ranks())) > 1):
-            raise ValueError("clients with different --client-ranks need --aggregation svd")
+            raise InputError("clients with different --client-ranks need --aggregation svd")
         if self.gpus_per_client < 0 and self.gpus_per_client != -1:
-            raise ValueError(f"--gpus-per-client must be >= 0 (or -1: auto), got {self.gpus_per_client}")
+            raise InputError(f"--gpus-per-client must be >= 0 (or -1: auto), got {self.gpus_per_client}")
         if self.cpus_per_client <= 0:
-            raise ValueError(f"--cpus-per-client must be > 0, got {self.cpus_per_client}")
+            raise InputError(f"--cpus-per-client must be > 0, got {self.cpus_per_client}")
 
     def ranks(self) -> list[int]:
         """Per-partition LoRA ranks from ``--client-ranks`` (empty: every client has ``--lora-rank``)."""
@@ -157,9 +159,9 @@ class FederationConfig:
         try:
             ranks = [int(r) for r in self.client_ranks.split(",")]
         except ValueError:
-            raise ValueError(f"--client-ranks must be comma-separated integers, got {self.client_ranks!r}") from None
+            raise InputError(f"--client-ranks must be comma-separated integers, got {self.client_ranks!r}") from None
         if any(r < 1 for r in ranks):
-            raise ValueError(f"--client-ranks must be >= 1, got {self.client_ranks!r}")
+            raise InputError(f"--client-ranks must be >= 1, got {self.client_ranks!r}")
         return ranks
 
     def dp_lr(self) -> float:

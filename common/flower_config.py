@@ -15,6 +15,7 @@ try:
 except ModuleNotFoundError:  # Python 3.10: Flower depends on tomli
     import tomli as tomllib  # type: ignore[no-redef]
 
+from fedswarm.common.errors import InputError
 from fedswarm.common.paths import atomic_write_text
 
 
@@ -32,7 +33,7 @@ def write_connection(home: Path, name: str, address: str, root_cert: str | None,
     import tomli_w
 
     if not name or any(c in name for c in ' ."[]'):
-        raise ValueError(f"--federation must be a plain name (letters, digits, '-', '_'), got {name!r}")
+        raise InputError(f"--federation must be a plain name (letters, digits, '-', '_'), got {name!r}")
     path = home / "config.toml"
     doc = tomllib.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
     links = doc.setdefault("superlink", {})
@@ -41,7 +42,7 @@ def write_connection(home: Path, name: str, address: str, root_cert: str | None,
         entry["insecure"] = True
     else:
         if not root_cert or not Path(root_cert).is_file():
-            raise ValueError(f"--root-cert: the coordinator's CA certificate (ca.crt) is needed, got {root_cert!r}")
+            raise InputError(f"--root-cert: the coordinator's CA certificate (ca.crt) is needed, got {root_cert!r}")
         entry["root-certificates"] = str(Path(root_cert).resolve())
     links[name] = entry
     links.setdefault("default", name)

@@ -6,6 +6,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from fedswarm.common.errors import InputError
 from fedswarm.common.paths import atomic_dir
 
 if TYPE_CHECKING:
@@ -26,7 +27,7 @@ def attach_lora(model: PreTrainedModel, rank: int, alpha: float, seed: int) -> P
     from peft import LoraConfig, get_peft_model
 
     if rank < 1:
-        raise ValueError(f"lora rank must be >= 1, got {rank}")
+        raise InputError(f"lora rank must be >= 1, got {rank}")
     config = LoraConfig(
         r=rank,
         lora_alpha=alpha,

@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from fedswarm.common.errors import InputError
+
 if TYPE_CHECKING:
     from fedswarm.common.data import Example
 
@@ -24,9 +26,9 @@ class Split:
 def holdout_split(n: int, eval_size: int, seed: int) -> Split:
     """Seeded split of ``n`` records into a held-out set of ``eval_size`` and the rest."""
     if eval_size < 1:
-        raise ValueError(f"eval-size must be >= 1, got {eval_size}")
+        raise InputError(f"eval-size must be >= 1, got {eval_size}")
     if n < eval_size + 2:
-        raise ValueError(f"the data has {n} records: too few for a held-out split of {eval_size} plus training")
+        raise InputError(f"the data has {n} records: too few for a held-out split of {eval_size} plus training")
     perm = np.random.default_rng([seed, HOLDOUT_SALT]).permutation(n)
     return Split(holdout=np.sort(perm[:eval_size]), train=np.sort(perm[eval_size:]))
 

@@ -23,7 +23,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from fedswarm.common.data import load_examples
     from fedswarm.common.device import check_quantize_base, resolve_device
-    from fedswarm.common.errors import FedswarmError
+    from fedswarm.common.errors import FedswarmError, InputError
     from fedswarm.common.model import parse_model
     from fedswarm.common.partition import parse_partition
     from fedswarm.simulation.engine import run_simulation
@@ -39,6 +39,6 @@ def run(args: argparse.Namespace) -> int:
     if cfg.gpus_per_client < 0:  # auto: four clients share a GPU; none on a CPU-only machine
         cfg = replace(cfg, gpus_per_client=AUTO_GPU_SHARE if device == "cuda" else 0.0)
     if device == "cuda" and cfg.gpus_per_client == 0 and not cfg.ray_address:
-        raise ValueError("--device cuda with --gpus-per-client 0: Ray would hide the GPU from every client")
+        raise InputError("--device cuda with --gpus-per-client 0: Ray would hide the GPU from every client")
     run_simulation(cfg)
     return 0

@@ -64,3 +64,25 @@ def test_unsupported_or_malformed_data_is_refused_before_ray_starts(tmp_path):
     assert proc.stderr.strip().splitlines() == [f"fedswarm simulate: error: {broken}:2: invalid JSON (Expecting "
                                                 "property name enclosed in double quotes)"]  # fmt: skip
     assert not (tmp_path / "run").exists()  # nothing half-written, and no Ray (its warnings would be on stderr)
+
+
+def test_a_bug_shows_its_traceback_and_a_user_error_one_line(monkeypatch, capsys):
+    import pytest
+
+    import fedswarm.simulation.simulate as simulate
+    from fedswarm.common.cli import main
+    from fedswarm.common.errors import InputError
+
+    def bug(_args):
+        raise ValueError("a library's internal check")
+
+    monkeypatch.setattr(simulate, "run", bug)
+    with pytest.raises(ValueError, match="a library's internal check"):
+        main(["simulate"])
+
+    def mistake(_args):
+        raise InputError("--clients must be >= 1, got 0")
+
+    monkeypatch.setattr(simulate, "run", mistake)
+    assert main(["simulate"]) == 2
+    assert capsys.readouterr().err.splitlines() == ["fedswarm simulate: error: --clients must be >= 1, got 0"]

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fedswarm.client.edge.variants import JS_DTYPES
+from fedswarm.common.errors import InputError
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -39,7 +40,7 @@ def write_tokenizer(folder: Path, tokenizer: PreTrainedTokenizerBase) -> None:
     """Tokenizer files with the chat template inlined into tokenizer_config.json."""
     template = tokenizer.chat_template
     if not isinstance(template, str) or not template:
-        raise ValueError("the tokenizer has no chat template; the web page needs one to chat")
+        raise InputError("the tokenizer has no chat template; the web page needs one to chat")
     tokenizer.save_pretrained(folder)
     for extra in ("chat_template.jinja", "chat_template.json"):
         (folder / extra).unlink(missing_ok=True)

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from fedswarm.client.swarm.forward import forward_blocks
 from fedswarm.client.swarm.session import InferenceSession
+from fedswarm.common.errors import InputError
 
 if TYPE_CHECKING:
     import torch
@@ -53,7 +54,7 @@ class SwarmModel:
         import torch
 
         if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+            raise InputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         result = Generation()
         ids = torch.tensor([list(input_ids)], dtype=torch.long)
         with InferenceSession(self.client, ids.shape[1] + max_new_tokens) as session:

@@ -14,7 +14,7 @@ import numpy as np
 from fedswarm.common.batches import answer_loss, collate, encode, to_device
 from fedswarm.common.data import Example
 from fedswarm.common.device import autocast_for
-from fedswarm.common.errors import FedswarmError
+from fedswarm.common.errors import FedswarmError, InputError
 
 if TYPE_CHECKING:
     from peft import PeftModel
@@ -53,7 +53,7 @@ def train_lora(
     import torch
 
     if not examples:
-        raise ValueError("no training examples on this node")
+        raise InputError("no training examples on this node")
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise RuntimeError("the model has no trainable (LoRA) parameters")

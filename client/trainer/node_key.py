@@ -11,6 +11,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from fedswarm.common.errors import InputError
+
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
@@ -26,13 +28,13 @@ def make_node_key(out: str | Path, name: str = "node") -> NodeKey:
     from cryptography.hazmat.primitives.asymmetric import ec
 
     if not NAME.match(name):
-        raise ValueError(f"--name must be letters, digits, '_', '.', '-' (up to 64), got {name!r}")
+        raise InputError(f"--name must be letters, digits, '_', '.', '-' (up to 64), got {name!r}")
     root = Path(out)
     root.mkdir(parents=True, exist_ok=True)
     keys = NodeKey(root / name, root / f"{name}.pub")
     for path in (keys.private, keys.public):
         if path.exists():
-            raise ValueError(f"--out {out}: {path.name} already exists; remove it or choose another --name")
+            raise InputError(f"--out {out}: {path.name} already exists; remove it or choose another --name")
     key = ec.generate_private_key(ec.SECP384R1())
     private = key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()

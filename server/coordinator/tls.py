@@ -12,6 +12,8 @@ import ipaddress
 from dataclasses import dataclass
 from pathlib import Path
 
+from fedswarm.common.errors import InputError
+
 CA_CERT = "ca.crt"
 CA_KEY = "ca.key"
 SERVER_CERT = "server.pem"
@@ -41,9 +43,9 @@ def make_certificates(out: str | Path, hosts: list[str], days: int = 365) -> Cer
     from cryptography.x509.oid import NameOID
 
     if not hosts:
-        raise ValueError("--host: give at least one host name or IP address the nodes will dial")
+        raise InputError("--host: give at least one host name or IP address the nodes will dial")
     if days < 1:
-        raise ValueError(f"--days must be >= 1, got {days}")
+        raise InputError(f"--days must be >= 1, got {days}")
     root = Path(out)
     root.mkdir(parents=True, exist_ok=True)
     now = datetime.datetime.now(datetime.timezone.utc)
