@@ -11,9 +11,9 @@ rounds x local steps, same batch size) and is evaluated on the same held-out spl
   (j) ffa with label-balanced local batches (--balance-labels);
   (i) centralised with the same examples in rounds x local steps steps of clients x batch size:
       what averaging IID clients approximates (as many sequential updates as the federation);
-  (k), (l), (m) ffa with label-balanced local DP (per-label Poisson rates) at epsilon 8, 3 and 1,
-      the DP defaults (expected private batch 32 in micro-batches of 8, rank 2, AdamW, PRV);
-  (n) the same at epsilon 8 without label balancing.
+  (n), (l), (m) ffa with local DP at epsilon 8, 3 and 1 with the DP defaults (expected private
+      batch 32 in micro-batches of 8, rank 2, AdamW, PRV);
+  (k) the same at epsilon 8 with label-balanced per-label Poisson rates (--balance-labels).
 
 Utility is read as the margin over the constant answer (accuracy minus the held-out share of
 the commonest label on that seed's split): round 0 scores 0 only because the base model
@@ -48,8 +48,8 @@ VARIANTS = {
     "(h) ffa + scaffold + DP 8": ["--aggregation", "ffa", "--scaffold", *DP8, *OLD_DP],
     "(j) ffa + balanced labels": ["--aggregation", "ffa", "--balance-labels"],
     "(k) balanced ffa + DP 8": ["--aggregation", "ffa", "--balance-labels", *DP8],
-    "(l) balanced ffa + DP 3": ["--aggregation", "ffa", "--balance-labels", *DP8[:2], "3", *DP8[3:]],
-    "(m) balanced ffa + DP 1": ["--aggregation", "ffa", "--balance-labels", *DP8[:2], "1", *DP8[3:]],
+    "(l) ffa + DP 3": ["--aggregation", "ffa", *DP8[:2], "3", *DP8[3:]],
+    "(m) ffa + DP 1": ["--aggregation", "ffa", *DP8[:2], "1", *DP8[3:]],
     "(n) ffa + DP 8": ["--aggregation", "ffa", *DP8],
 }
 REFERENCE = "(j) ffa + balanced labels"  # the best non-DP federated variant: the DP goal's yardstick
