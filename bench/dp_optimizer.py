@@ -11,6 +11,7 @@ each optimiser's held-out loss and accuracy on the run's held-out split after th
 from __future__ import annotations
 
 import argparse
+from collections import Counter
 
 
 def main() -> None:
@@ -20,10 +21,9 @@ def main() -> None:
     from fedswarm.client.trainer.runtime import lora_model, simulated_shard
     from fedswarm.common.accounting import calibrate_noise
     from fedswarm.common.config import FederationConfig
-    from fedswarm.common.data import load_examples
     from fedswarm.common.evaluate import constant_answer, evaluate
     from fedswarm.common.lora import adapter_state, load_adapter_state
-    from fedswarm.common.splits import holdout_split
+    from fedswarm.common.splits import run_records
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
@@ -41,8 +41,8 @@ def main() -> None:
         balance_labels=True, aggregation="ffa",
     )  # fmt: skip
     shard = simulated_shard({"partition-id": args.node, "num-partitions": 4}, cfg)
-    records = load_examples(cfg.data)
-    holdout = [records[i] for i in holdout_split(len(records), cfg.eval_size, cfg.seed).holdout]
+    records, split = run_records(cfg.data, cfg.max_samples, cfg.eval_size, cfg.seed)
+    holdout = [records[i] for i in split.holdout]
     model, tokenizer = lora_model(cfg.model, cfg.lora_rank, cfg.lora_alpha, cfg.seed)
     for name, p in model.named_parameters():
         if "lora_" in name:
@@ -51,9 +51,7 @@ def main() -> None:
     rates = sample_rates(shard.train, cfg.dp_batch_size, balance=True)
     q = float(rates.max())
     sigma = calibrate_noise(8.0, 1e-5, q, args.steps, "prv")
-    labels = {}
-    for e in shard.train:
-        labels[e.label] = labels.get(e.label, 0) + 1
+    labels = dict(Counter(e.label for e in shard.train))
     const = constant_answer(holdout)
     print(f"node {args.node} of seed {args.seed}: {len(shard.train)} examples {labels}, q {q:.4f}, sigma {sigma:.3f}")
     print(f"constant answer {const}; {args.steps} private steps of expected batch {rates.sum():.1f}")

@@ -22,15 +22,10 @@ clipped, noise-free mean gradient is compared with the standard path's on the sa
 from __future__ import annotations
 
 import argparse
-import resource
 import statistics
 import time
 from collections.abc import Callable
 from typing import Any
-
-
-def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def main() -> None:
@@ -41,6 +36,7 @@ def main() -> None:
     from fedswarm.common.config import DP_LORA_RANK, LORA_RANK
     from fedswarm.common.data import load_examples
     from fedswarm.common.lora import attach_lora
+    from fedswarm.common.memory import peak_rss_mb
     from fedswarm.common.model import load_model, load_tokenizer
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -99,18 +95,18 @@ def main() -> None:
             dp_opt.zero_grad(set_to_none=True)
         return (time.perf_counter() - started) / args.dp_batch_size
 
-    rss0 = _peak_rss_mb()
+    rss0 = peak_rss_mb()
     dp_step(micro)  # warm-up, and the micro-batched step's peak
-    rss_micro = _peak_rss_mb() - rss0
+    rss_micro = peak_rss_mb() - rss0
     plain_star, dp = [], []
     for _ in range(args.repeats):
         gsm.disable_hooks()
         plain_star.append(plain_dp_shape())
         gsm.enable_hooks()
         dp.append(dp_step(micro))
-    rss1 = _peak_rss_mb()
+    rss1 = peak_rss_mb()
     dp_step([whole])
-    rss_whole = _peak_rss_mb() - rss1
+    rss_whole = peak_rss_mb() - rss1
     gsm._close()
 
     standard = clipped_mean(model, settings, micro)

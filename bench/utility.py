@@ -110,14 +110,14 @@ def federated(args: argparse.Namespace, extra: list[str], out: Path) -> list[dic
 
 def constant_answer(args: argparse.Namespace) -> float:
     """Accuracy of always giving the held-out split's commonest label: the floor a classifier must beat."""
-    from collections import Counter
+    from fedswarm.common.evaluate import constant_answer as commonest
+    from fedswarm.common.splits import run_records
 
-    from fedswarm.common.data import load_examples
-    from fedswarm.common.splits import holdout_split
-
-    records = load_examples(args.data)
-    labels = [records[i].label for i in holdout_split(len(records), args.eval_size, args.seed).holdout]
-    return Counter(labels).most_common(1)[0][1] / len(labels)
+    records, split = run_records(args.data, 0, args.eval_size, args.seed)
+    found = commonest([records[i] for i in split.holdout])
+    if found is None:
+        raise SystemExit(f"--data {args.data}: unlabelled records have no constant answer")
+    return found[1]
 
 
 def one_seed(args: argparse.Namespace, wanted: set[str]) -> dict[str, tuple[float, float, str]]:

@@ -21,6 +21,7 @@ from fedswarm.client.trainer.privacy import (
 from fedswarm.client.trainer.runtime import Shard
 from fedswarm.common.config import FederationConfig
 from fedswarm.common.data import Example
+from tests.test_privacy import _cfg as privacy_cfg
 
 
 def _examples(n: int, yes_every: int = 2) -> list[Example]:
@@ -79,11 +80,8 @@ def test_sgd_step_is_the_learning_rate_times_the_noised_gradient(tiny_lora_f64, 
 
 
 def _cfg(**kw) -> FederationConfig:
-    base = dict(
-        model="tiny", dp=True, noise_multiplier=1.1, local_steps=3, batch_size=4, dp_batch_size=12, max_seq_len=48,
-        dp_seed=7, accountant="rdp",
-    )  # fmt: skip
-    return FederationConfig(**{**base, **kw})
+    """test_privacy's tiny DP settings with a private batch of 12 (3 micro-batches of 4)."""
+    return privacy_cfg(**{"dp_batch_size": 12, **kw})
 
 
 def test_accountant_counts_one_step_per_private_batch(tiny_lora, tokenizer):
