@@ -40,7 +40,7 @@ def main() -> None:
         model=args.model, partition="dirichlet:0.5", seed=args.seed, eval_size=args.eval_size, dp=True, epsilon=8.0,
         balance_labels=True, aggregation="ffa",
     )  # fmt: skip
-    shard = simulated_shard({"partition-id": args.node, "num-partitions": 4}, cfg)
+    shard = simulated_shard({"partition-id": args.node, "num-partitions": 4}, cfg, cfg.data)
     records, split = run_records(cfg.data, cfg.max_samples, cfg.eval_size, cfg.seed)
     holdout = [records[i] for i in split.holdout]
     model, tokenizer = lora_model(cfg.model, cfg.lora_rank, cfg.lora_alpha, cfg.seed)

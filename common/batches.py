@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from fedswarm.common.data import Example
 
@@ -66,7 +66,8 @@ def answer_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tup
     The loss never looks at prompt positions, so the LM head (a 49k-wide matmul for
     SmolLM2, ~20% of a token's compute) runs on the answer positions alone.
     """
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    wrapped: Any = model
+    base: Any = wrapped.get_base_model() if hasattr(wrapped, "get_base_model") else wrapped  # PEFT or not
     hidden = base.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
     targets = batch["labels"][:, 1:]
     keep = targets != IGNORE_INDEX

@@ -10,10 +10,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from typing import Any, TypeVar
 
+from fedswarm.common.codecs import codec_class, modes_help
 from fedswarm.common.errors import InputError
+from fedswarm.common.options import add_arguments as add_arguments
+from fedswarm.common.options import data_option, from_args, given_options, max_seq_len_option, model_option, option
 
 T = TypeVar("T")
 
@@ -21,19 +24,20 @@ FLOWER_KEYS = {"rounds": "num-server-rounds"}
 LORA_RANK = 8  # --lora-rank 0 without --dp
 DP_LORA_RANK = 2  # --lora-rank 0 with --dp: DP noise grows with the square root of the trainable weights
 DP_SGD_LEARNING_RATE = 0.5  # --dp-optimizer sgd without --dp-learning-rate (FFA-LoRA's DP-SGD range: 0.1-1.0)
-
-
-def option(default: Any, help: str) -> Any:
-    """A dataclass field that ``add_arguments`` turns into a documented ``--kebab-case`` option."""
-    return field(default=default, metadata={"help": help})
+# Settings only the coordinator acts on: its own paths and its round, screening and central-DP knobs.
+# Nodes are never sent them (``node_run_config``); a simulated node reads its pool's path from the run config.
+COORDINATOR_SIDE = frozenset(
+    {"data", "out", "resume", "resume_given", "round_timeout", "min_clients", "max_update_norm", "central_noise",
+     "central_clip", "fraction_evaluate"}
+)  # fmt: skip
 
 
 @dataclass
 class FederationConfig:
     """Everything a federated run needs; units in each help text."""
 
-    model: str = option("smollm2-135m", "base model: smollm2-135m, tiny, or a local HF folder")
-    data: str = option("sarcasm", "data: sarcasm, diabetes, or a .jsonl/.csv file")
+    model: str = model_option()
+    data: str = data_option()
     clients: int = option(4, "number of (virtual) client nodes")
     rounds: int = option(3, "federated rounds")
     local_steps: int = option(12, "optimizer steps per client per round")
@@ -45,13 +49,11 @@ class FederationConfig:
     seed: int = option(0, "seed of the held-out split, partitions, adapter init and batch order")
     eval_size: int = option(200, "held-out examples, never given to a client")
     max_samples: int = option(0, "read at most this many records (0: all)")
-    max_seq_len: int = option(128, "tokens per example (prompt cut from the left)")
+    max_seq_len: int = max_seq_len_option()
     device: str = option("auto", "auto (CUDA when available), cpu or cuda: training, evaluation")
     quantize_base: str = option("", "4bit: load the frozen base in 4 bits (QLoRA, bitsandbytes; CUDA only)")
     precision: str = option("auto", "training autocast: auto (bf16 where the CPU has it natively), bf16, fp32")
-    aggregation: str = option(
-        "fedavg", "LoRA aggregation: fedavg (A, B averaged apart), ffa (A frozen), svd (product + SVD)"
-    )
+    aggregation: str = option("fedavg", f"LoRA aggregation: {modes_help()}")
     server_lr: float = option(
         1.0, "server learning rate: the global adapter moves this many times the clients' mean update (1: mean)"
     )
@@ -120,8 +122,7 @@ class FederationConfig:
             raise InputError(f"--min-clients must be within [0, --clients={self.clients}], got {self.min_clients}")
         if self.round_timeout <= 0 or self.max_update_norm < 0:
             raise InputError("--round-timeout must be > 0 and --max-update-norm >= 0")
-        if self.aggregation not in ("fedavg", "ffa", "svd"):
-            raise InputError(f"--aggregation must be fedavg, ffa or svd, got {self.aggregation!r}")
+        codec = codec_class(self.aggregation)
         if self.dp and self.noise_multiplier <= 0 and self.epsilon <= 0:
             raise InputError("--dp needs --noise-multiplier > 0 or a target --epsilon > 0")
         if not 0 < self.delta < 1:
@@ -136,17 +137,12 @@ class FederationConfig:
             raise InputError(f"--dp-momentum must be within [0, 1), got {self.dp_momentum}")
         if self.accountant not in ("rdp", "prv"):
             raise InputError(f"--accountant must be rdp or prv, got {self.accountant!r}")
-        if self.scaffold and self.aggregation == "svd":
-            raise InputError("--scaffold works with --aggregation fedavg or ffa (svd re-bases the factors each round)")
+        codec.check(self)
         if self.scaffold and self.central_dp:
             raise InputError(
                 "--scaffold with --central-dp would send each node's mean gradient (c_i) outside the central DP "
                 "guarantee; use --dp (local DP covers c_i) or drop one of them"
             )
-        if self.central_dp and self.aggregation == "svd":
-            raise InputError("--central-dp works with --aggregation fedavg or ffa (it wraps FedAvg)")
-        if self.client_ranks and (self.aggregation != "svd" and len(set(self.ranks())) > 1):
-            raise InputError("clients with different --client-ranks need --aggregation svd")
         if self.gpus_per_client < 0 and self.gpus_per_client != -1:
             raise InputError(f"--gpus-per-client must be >= 0 (or -1: auto), got {self.gpus_per_client}")
         if self.cpus_per_client <= 0:
@@ -174,9 +170,7 @@ class FederationConfig:
 
     def server_rank(self) -> int:
         """Rank of the global adapter the coordinator holds."""
-        if self.aggregation == "svd":
-            return self.global_rank or max(self.ranks())
-        return self.lora_rank
+        return codec_class(self.aggregation).global_rank(self)
 
     def to_run_config(self) -> dict[str, Any]:
         """Flower run-config form (kebab-case keys).
@@ -188,6 +182,11 @@ class FederationConfig:
         if self.lora_rank == (DP_LORA_RANK if self.dp else LORA_RANK):
             out["lora-rank"] = 0
         return out
+
+    def node_run_config(self) -> dict[str, Any]:
+        """What a node is sent each round: :meth:`to_run_config` without the coordinator-side settings."""
+        hidden = {run_key(name) for name in COORDINATOR_SIDE}
+        return {k: v for k, v in self.to_run_config().items() if k not in hidden}
 
 
 def run_key(name: str) -> str:
@@ -208,65 +207,6 @@ def _coerce(default: Any, value: Any) -> Any:
     if isinstance(default, bool):
         return value if isinstance(value, bool) else str(value).lower() in ("1", "true", "yes")
     return type(default)(value) if default is not None else value
-
-
-GIVEN = "_given_options"  # Namespace attribute: the dests of the options given on the command line
-
-
-def _mark_given(namespace: argparse.Namespace, dest: str) -> None:
-    vars(namespace).setdefault(GIVEN, set()).add(dest)
-
-
-class _Store(argparse.Action):
-    """``store``, remembering that the option was given (a default cannot tell that apart)."""
-
-    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any, *_: Any) -> None:
-        setattr(namespace, self.dest, values)
-        _mark_given(namespace, self.dest)
-
-
-class _Toggle(argparse.BooleanOptionalAction):
-    """``--flag/--no-flag``, remembering that it was given."""
-
-    def __call__(
-        self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any, option_string: Any = None
-    ) -> None:
-        super().__call__(parser, namespace, values, option_string)
-        _mark_given(namespace, self.dest)
-
-
-def given_options(args: argparse.Namespace) -> set[str]:
-    """Field names of the options given on the command line (``add_arguments`` options only)."""
-    return set(vars(args).get(GIVEN, ()))
-
-
-def add_arguments(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:
-    """One ``--kebab-case`` option per dataclass field, typed and documented from it."""
-    for f in fields(cls):
-        if f.name in skip:
-            continue
-        default = f.default
-        if isinstance(default, bool):
-            parser.add_argument(
-                f"--{f.name.replace('_', '-')}",
-                action=_Toggle,
-                default=default,
-                help=f.metadata.get("help", ""),
-            )
-            continue
-        kind = type(default) if default is not dataclasses.MISSING and default is not None else str
-        parser.add_argument(
-            f"--{f.name.replace('_', '-')}",
-            type=kind,
-            action=_Store,
-            default=default,
-            help=f"{f.metadata.get('help', '')} (default: {default})",
-        )
-
-
-def from_args(cls: type[T], args: argparse.Namespace) -> T:
-    names = {f.name for f in fields(cls)}  # type: ignore[arg-type]
-    return cls(**{k: v for k, v in vars(args).items() if k in names})
 
 
 def federation_from_args(args: argparse.Namespace) -> FederationConfig:

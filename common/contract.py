@@ -6,6 +6,13 @@ a rename cannot reach one end only. Metric values are Flower ``MetricRecord`` nu
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+    from flwr.app import RecordDict
+
 # Records in a message's RecordDict (and, for PRIVACY_KEY and CONTROL_KEY, in the node's Context.state)
 PRIVACY_KEY = "privacy"  # ConfigRecord: the node's accountant history (JSON) and its decline note
 CONTROL_KEY = "control"  # ArrayRecord: SCAFFOLD's c (to nodes) and c_i (from them; kept in node state)
@@ -17,6 +24,7 @@ class Sent:
 
     SERVER_ROUND = "server-round"
     DP_HISTORY = "dp-history"  # the coordinator's copy of the node's accountant history
+    POOL = "pool"  # simulations only: the shared data the virtual nodes partition (a deployed node has its own)
 
 
 class Reply:
@@ -42,3 +50,32 @@ class Reply:
     EMPTY_BATCHES = "empty-batches"
     DP_STEPS_TOTAL = "dp-steps-total"
     EXPECTED_BATCH = "expected-batch"
+
+
+def number(record: Mapping[str, object], key: str) -> float:
+    """A numeric record value (Flower types a record's values as a union of scalars and lists)."""
+    value = record[key]
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"record key {key!r} must be a number, got {value!r}")
+    return float(value)
+
+
+def whole(record: Mapping[str, object], key: str) -> int:
+    """An integer record value (a float that is whole is accepted)."""
+    return int(number(record, key))
+
+
+def text(record: Mapping[str, object], key: str) -> str:
+    """A record value as text (bytes decoded as UTF-8)."""
+    value = record[key]
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def arrays_of(content: RecordDict, name: str = "arrays") -> dict[str, torch.Tensor]:
+    """The tensors of an ArrayRecord of a message's content."""
+    return content.array_records[name].to_torch_state_dict()
+
+
+def flag(record: Mapping[str, object], key: str) -> bool:
+    """A 0/1 record value; absent is 0."""
+    return key in record and number(record, key) != 0

@@ -12,12 +12,13 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from fedswarm.common.batches import IGNORE_INDEX, answer_logits, collate, encode, prompt_ids, to_device
 from fedswarm.common.data import Example
 
 if TYPE_CHECKING:
+    from peft import PeftModel
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 
@@ -45,7 +46,7 @@ def constant_answer(examples: Sequence[Example]) -> tuple[str, float] | None:
 
 
 def evaluate(
-    model: PreTrainedModel,
+    model: PreTrainedModel | PeftModel,
     tokenizer: PreTrainedTokenizerBase,
     examples: Sequence[Example],
     max_len: int,
@@ -82,7 +83,7 @@ def evaluate(
 
 
 def greedy_answers(
-    model: PreTrainedModel,
+    model: PreTrainedModel | PeftModel,
     tokenizer: PreTrainedTokenizerBase,
     examples: Sequence[Example],
     max_len: int,
@@ -104,7 +105,8 @@ def greedy_answers(
                 ids[row, width - len(p) :] = torch.tensor(p)
                 mask[row, width - len(p) :] = 1
             device = next(model.parameters()).device
-            out = model.generate(
+            generator: Any = model  # PeftModel or a GenerationMixin model
+            out = generator.generate(
                 input_ids=ids.to(device),
                 attention_mask=mask.to(device),
                 max_new_tokens=longest + 1,

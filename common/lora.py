@@ -30,7 +30,7 @@ def attach_lora(model: PreTrainedModel, rank: int, alpha: float, seed: int) -> P
         raise InputError(f"lora rank must be >= 1, got {rank}")
     config = LoraConfig(
         r=rank,
-        lora_alpha=alpha,
+        lora_alpha=alpha,  # type: ignore[arg-type]  # PEFT annotates int; a float scale is what it computes with
         lora_dropout=0.0,
         target_modules=list(TARGET_MODULES),
         bias="none",
@@ -86,7 +86,7 @@ def save_adapter(model: PeftModel, state: Mapping[str, torch.Tensor], folder: Pa
     """Write ``state`` as a PEFT adapter folder (config + safetensors), atomically."""
     load_adapter_state(model, state)
     with atomic_dir(Path(folder)) as tmp:
-        model.save_pretrained(tmp)
+        model.save_pretrained(str(tmp))
 
 
 def resize_rank(

@@ -97,6 +97,7 @@ def load_model(
 
     spec = parse_model(spec) if isinstance(spec, str) else spec
     dtype = dtype or torch.float32
+    model: Any  # transformers' own annotations of ``to`` and ``from_pretrained`` do not type-check
     if spec.name == "tiny" and not quantize:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(TINY_SEED)

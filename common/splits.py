@@ -60,6 +60,24 @@ def run_records_of(config: Mapping[str, Any]) -> tuple[list[Example], Split]:
     )
 
 
+def pool_partition(
+    data: str, max_samples: int, eval_size: int, seed: int, spec: str, partition_id: int, partitions: int
+) -> tuple[list[Example], list[int], list[int]]:
+    """A simulated node's share of the run's pool: the records and its (train, validation) indices.
+
+    The pool is ``run_records``' training side (the held-out split never reaches a node),
+    partitioned by ``spec`` (``iid``, ``dirichlet:ALPHA``); the node's slices are
+    :func:`node_slices` of its partition, as a deployed node's are of its own file.
+    """
+    from fedswarm.common.partition import parse_partition, partition
+
+    records, split = run_records(data, max_samples, eval_size, seed)
+    labels = [records[i].label for i in split.train]
+    mine = partition(split.train.tolist(), labels, partitions, parse_partition(spec), seed)[partition_id]
+    train, validation = node_slices(mine)
+    return records, train, validation
+
+
 def node_slices(indices: Sequence[int], val_fraction: float = 0.1, max_val: int = 32) -> tuple[list[int], list[int]]:
     """A node's own (train, validation) slices of its partition; validation is never trained on."""
     items = list(indices)

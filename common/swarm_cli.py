@@ -2,16 +2,36 @@
 
 The registry and block-server commands are in ``fedswarm.server.swarm.cli``, the generation
 and scoring commands in ``fedswarm.client.swarm.cli``; both add themselves to this group and
-share the security options defined here (roles meet only through ``common/`` and the wire).
+build their options on the security options defined here (roles meet only through ``common/``
+and the wire).
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+from dataclasses import dataclass
+
+from fedswarm.common.options import option
 
 SECURITY_HELP = "shared swarm token (default: $FEDSWARM_SWARM_TOKEN; empty disables the check)"
 ROLE_COMMANDS = ("fedswarm.server.swarm.cli", "fedswarm.client.swarm.cli")
+
+
+@dataclass(frozen=True, kw_only=True)
+class SwarmSecurity:
+    """What every swarm process checks: the shared token, and the CA its peers' certificates come from."""
+
+    token: str | None = option(None, SECURITY_HELP)
+    tls_ca: str | None = option(None, "CA certificate (PEM) that signed the swarm's server certificates")
+
+
+@dataclass(frozen=True, kw_only=True)
+class SwarmServerSecurity(SwarmSecurity):
+    """A server's own certificate and key, besides what every swarm process checks."""
+
+    tls_cert: str | None = option(None, "this server's certificate chain (PEM); enables TLS")
+    tls_key: str | None = option(None, "this server's private key (PEM)")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -23,14 +43,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     commands = parser.add_subparsers(dest="swarm_command", required=True, metavar="SWARM_COMMAND")
     for module in ROLE_COMMANDS:
         importlib.import_module(module).add_commands(commands)
-
-
-def add_security(parser: argparse.ArgumentParser, server: bool) -> None:
-    parser.add_argument("--token", default=None, help=SECURITY_HELP)
-    parser.add_argument("--tls-ca", help="CA certificate (PEM) that signed the swarm's server certificates")
-    if server:
-        parser.add_argument("--tls-cert", help="this server's certificate chain (PEM); enables TLS")
-        parser.add_argument("--tls-key", help="this server's private key (PEM)")
 
 
 def security_of(args: argparse.Namespace) -> object:

@@ -4,6 +4,6 @@
 set -eu
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-.venv/bin/python}"
-"$PYTHON" -m grpc_tools.protoc -I protos --python_out=protos --grpc_python_out=protos protos/swarm.proto
+"$PYTHON" -m grpc_tools.protoc -I protos --python_out=protos --pyi_out=protos --grpc_python_out=protos protos/swarm.proto
 # The generated stub imports "swarm_pb2" as a top-level module; make it package-relative.
 sed -i 's/^import swarm_pb2 as swarm__pb2$/from . import swarm_pb2 as swarm__pb2/' protos/swarm_pb2_grpc.py

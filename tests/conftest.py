@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from fedswarm.common.processes import Supervisor
 
 
 @pytest.fixture(scope="session")
@@ -63,3 +68,22 @@ def labelled_file(tmp_path: Path) -> Path:
             }
         )
     return write_jsonl(tmp_path / "odd.jsonl", records)
+
+
+def assert_no_leftovers(supervisor: Supervisor) -> None:
+    """The integration fixtures' check, after stopping: nothing a supervised process started still runs."""
+    left = supervisor.leftovers()
+    assert left == [], "processes left running after stopping: " + "; ".join(map(str, left))
+
+
+@pytest.fixture()
+def supervisor() -> Iterator[Supervisor]:
+    """A process supervisor whose trees are all stopped, and checked for leftovers, after the test."""
+    from fedswarm.common.processes import Supervisor
+
+    sup = Supervisor(grace=5.0)
+    try:
+        yield sup
+    finally:
+        sup.stop_all()
+    assert_no_leftovers(sup)

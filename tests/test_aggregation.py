@@ -2,7 +2,8 @@ import numpy as np
 import pytest
 from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 
-from fedswarm.server.coordinator.strategy import LoraFedAvg
+from fedswarm.common.codecs import codec_for
+from fedswarm.common.config import FederationConfig
 
 
 @pytest.fixture(autouse=True)
@@ -34,7 +35,7 @@ def test_fedavg_is_the_weighted_mean_of_lora_arrays():
     shapes = {"layer.lora_A.weight": (4, 16), "layer.lora_B.weight": (16, 4)}
     clients = [({k: rng.normal(size=s).astype(np.float32) for k, s in shapes.items()}, n) for n in (10, 30, 60)]
     replies = [_reply(a, n, loss) for (a, n), loss in zip(clients, (1.0, 2.0, 4.0), strict=True)]
-    arrays, metrics = LoraFedAvg(min_clients=3).aggregate_train(1, replies)
+    arrays, metrics = codec_for(FederationConfig(clients=3)).strategy(3).aggregate_train(1, replies)
     got = arrays.to_torch_state_dict()
     for key in shapes:  # by hand: (10*x1 + 30*x2 + 60*x3) / 100
         expected = (10 * clients[0][0][key] + 30 * clients[1][0][key] + 60 * clients[2][0][key]) / 100

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import ssl
 import subprocess
 import sys
@@ -24,7 +23,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import write_jsonl
+from fedswarm.common.processes import Supervisor
+from tests.conftest import assert_no_leftovers, write_jsonl
 
 pytestmark = pytest.mark.integration
 
@@ -42,62 +42,19 @@ def _records(start: int, count: int) -> list[dict]:
     ]
 
 
-def _tree(pid: int) -> list:
-    import psutil
-
-    try:
-        parent = psutil.Process(pid)
-        return [parent, *parent.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return []
-
-
-def _running(process) -> bool:
-    """Still running (psutil checks the pid was not reused); a zombie has exited."""
-    import psutil
-
-    try:
-        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
-
-
-def _stop(proc: subprocess.Popen, grace: float = 20.0) -> None:
-    """SIGTERM a fedswarm command (it stops the Flower processes it started); SIGKILL whatever is left."""
-    import psutil
-
-    tree = _tree(proc.pid)
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=grace)
-        except subprocess.TimeoutExpired:
-            pass
-    for p in tree:
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
-    if proc.poll() is None:
-        proc.wait(timeout=10)
-
-
 class Deployment:
     def __init__(self, root: Path, port: int) -> None:
         self.root, self.port = root, port
         self.env = {**os.environ, "FLWR_HOME": str(root / "flwr-unused"), "PYTHONUNBUFFERED": "1"}
-        self.procs: list[subprocess.Popen] = []
+        # SIGTERM a fedswarm command (it stops the Flower processes it started); SIGKILL whatever is left after 20 s
+        self.sup = Supervisor(grace=20.0)
         self.coordinator: subprocess.Popen | None = None
         self.nodes: dict[int, subprocess.Popen] = {}
         self.runs = root / "runs"
 
     def start(self, name: str, *args: str) -> subprocess.Popen:
-        log = (self.root / f"{name}.log").open("a")
-        proc = subprocess.Popen(
-            [*FEDSWARM, *args], env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, text=True
-        )
-        self.procs.append(proc)
-        return proc
+        with (self.root / f"{name}.log").open("a") as log:
+            return self.sup.start(name, [*FEDSWARM, *args], self.env, output=log, quiet=True)
 
     def log(self, name: str) -> str:
         path = self.root / f"{name}.log"
@@ -135,15 +92,11 @@ class Deployment:
         ]  # fmt: skip
 
     def run(self, *args: str, timeout: float = 400.0) -> subprocess.CompletedProcess:
-        return subprocess.run([*FEDSWARM, *args], env=self.env, capture_output=True, text=True, timeout=timeout)
+        return self.sup.run(args[0], [*FEDSWARM, *args], self.env, timeout=timeout)
 
     def metrics(self, out: str) -> list[dict]:
         path = self.runs / out / "metrics.jsonl"
         return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
-
-    def stop_all(self) -> None:
-        for proc in reversed(self.procs):
-            _stop(proc)
 
 
 @pytest.fixture(scope="module")
@@ -169,11 +122,8 @@ def deployment(tmp_path_factory):
             dep.start_node(i)
         yield dep
     finally:
-        # snapshot every process tree before stopping: once a parent is reaped its orphans are not its children
-        trees = [p for proc in dep.procs for p in _tree(proc.pid)]
-        dep.stop_all()
-        leftovers = [p for p in trees if _running(p)]
-        assert not leftovers, f"processes left running: {leftovers}"
+        dep.sup.stop_all()
+    assert_no_leftovers(dep.sup)  # every process of every tree, by pid and creation time, orphans included
 
 
 def test_unregistered_node_is_refused(deployment):
@@ -213,8 +163,8 @@ def test_coordinator_stopped_after_round_one_resumes_round_two(deployment):
     while not any(r["round"] == 1 for r in deployment.metrics("interrupted")):
         assert time.monotonic() < deadline and runner.poll() is None, deployment.log("run-interrupted")[-3000:]
         time.sleep(0.5)
-    _stop(deployment.coordinator)  # SuperLink, its ServerApp and SuperExec go down mid-run
-    _stop(runner)
+    deployment.sup.stop(deployment.coordinator)  # SuperLink, its ServerApp and SuperExec go down mid-run
+    deployment.sup.stop(runner)
     assert [r["round"] for r in deployment.metrics("interrupted")] == [0, 1]
     deployment.start_coordinator()  # same port, same run dir and SuperLink database: same node ids
     deployment.wait_for_log("coordinator", "coordinator listening", count=2)
@@ -251,21 +201,15 @@ def _cmdline(proc) -> str:
 
 
 def test_node_killed_during_a_round_leaves_the_round_to_the_others(deployment):
-    import psutil
-
     runner = deployment.start(
         "run-dropout", *deployment.run_args("dropout", "--rounds", "1", "--min-clients", "1", "--round-timeout", "150")
     )
     victim = deployment.nodes[1]
     deadline = time.monotonic() + 200
-    while not any("flwr-clientapp" in _cmdline(p) for p in _tree(victim.pid)[1:]):
+    while not any("flwr-clientapp" in _cmdline(p) for p in deployment.sup.tree(victim)[1:]):
         assert time.monotonic() < deadline and runner.poll() is None, deployment.log("run-dropout")[-3000:]
         time.sleep(0.2)
-    for p in _tree(victim.pid):  # training has started on node 1: kill it, SuperNode and all
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
+    deployment.sup.kill(victim)  # training has started on node 1: SIGKILL it, SuperNode and all
     assert runner.wait(timeout=300) == 0, deployment.log("run-dropout")[-3000:]
     rows = deployment.metrics("dropout")
     assert [r["round"] for r in rows] == [0, 1]

@@ -3,10 +3,10 @@
 import pytest
 import torch
 
+from fedswarm.common.codecs import codec_for
+from fedswarm.common.codecs.product import Client, residual, svd_aggregate, svd_state, weighted_product
 from fedswarm.common.config import FederationConfig
 from fedswarm.common.lora import resize_rank
-from fedswarm.server.coordinator.aggregation import Client, residual, svd_aggregate, svd_state, weighted_product
-from fedswarm.server.coordinator.round_plan import outgoing_state
 
 LAYERS = {"m.l0.q_proj": (24, 16), "m.l1.up_proj": (32, 16)}  # name -> (out, in)
 ALPHA = 16.0
@@ -57,7 +57,7 @@ def test_svd_with_mixed_ranks_gives_each_client_its_rank():
     result = svd_aggregate(clients, cfg.server_rank())
     global_state = svd_state(result, 16, ALPHA / 16)
     for rank in (4, 8, 16):
-        mine = outgoing_state(cfg, global_state, rank)
+        mine = codec_for(cfg).personal(global_state, rank) or global_state  # None: the broadcast one fits
         for name, (out_f, in_f) in LAYERS.items():
             assert mine[name + ".lora_A.weight"].shape == (rank, in_f)
             assert mine[name + ".lora_B.weight"].shape == (out_f, rank)
@@ -94,7 +94,7 @@ def _product(state: dict, name: str, scale: float) -> torch.Tensor:
 
 
 def test_server_lr_steps_ffa_exactly_and_fedavg_factor_wise():
-    from fedswarm.server.coordinator.aggregation import apply_server_lr, server_step
+    from fedswarm.common.codecs.product import apply_server_lr, server_step
 
     rank, lr, scale = 4, 2.5, ALPHA / 4
     gen = torch.Generator().manual_seed(7)
@@ -120,7 +120,7 @@ def test_server_lr_steps_ffa_exactly_and_fedavg_factor_wise():
 
 
 def test_svd_server_lr_is_the_product_space_step():
-    from fedswarm.server.coordinator.aggregation import server_step
+    from fedswarm.common.codecs.product import server_step
 
     rank, lr = 4, 0.5
     gen = torch.Generator().manual_seed(9)

@@ -13,9 +13,7 @@ import ipaddress
 import multiprocessing
 import os
 import re
-import signal
 import socket
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -30,7 +28,9 @@ from fedswarm.client.swarm.model import SwarmModel
 from fedswarm.client.swarm.routing import NoRouteError
 from fedswarm.common.errors import FedswarmError
 from fedswarm.common.model import load_model, parse_model
+from fedswarm.common.processes import Supervisor
 from fedswarm.protos.transport import Security
+from tests.conftest import assert_no_leftovers
 
 pytestmark = pytest.mark.integration
 
@@ -45,14 +45,15 @@ class Procs:
     """Processes started by a test module; every one is stopped in the finaliser."""
 
     folder: Path
-    procs: dict[str, subprocess.Popen | multiprocessing.process.BaseProcess] = field(default_factory=dict)
+    sup: Supervisor = field(default_factory=lambda: Supervisor(grace=5.0))
+    forked: dict[str, multiprocessing.process.BaseProcess] = field(default_factory=dict)
     addresses: dict[str, str] = field(default_factory=dict)
 
     def start(self, name: str, *args: str) -> None:
         """``fedswarm swarm ARGS`` as a subprocess of this interpreter."""
-        log = (self.folder / f"{name}.log").open("w")
         cmd = [sys.executable, "-m", "fedswarm.common.cli", "swarm", *args]
-        self.procs[name] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=_env())
+        with (self.folder / f"{name}.log").open("w") as log:
+            self.sup.start(name, cmd, _env(), output=log, quiet=True)
 
     def fork(self, name: str, *args: str) -> None:
         """``fedswarm swarm ARGS`` in a process forked from a server that already imported torch.
@@ -64,7 +65,8 @@ class Procs:
         (self.folder / f"{name}.log").touch()
         proc = _FORKSERVER.Process(target=_run_cli, args=(str(self.folder / f"{name}.log"), ["swarm", *args]))
         proc.start()
-        self.procs[name] = proc
+        self.forked[name] = proc
+        self.sup.adopt(name, proc.pid)
 
     def wait_ready(self, *names: str) -> None:
         deadline = time.monotonic() + START_TIMEOUT_S
@@ -76,27 +78,19 @@ class Procs:
                 if match:
                     self.addresses[name] = match.group(1)
                     pending.discard(name)
-                elif not _alive(self.procs[name]) or time.monotonic() > deadline:
+                elif not self.sup.running(name) or time.monotonic() > deadline:
                     raise RuntimeError(f"{name} did not start:\n{text}")
             time.sleep(0.2)
 
     def kill(self, name: str) -> None:
-        proc = self.procs[name]
-        if isinstance(proc, subprocess.Popen):
-            proc.send_signal(signal.SIGKILL)
-            proc.wait(timeout=10)
-        else:
-            proc.kill()
-            proc.join(timeout=10)
+        self.sup.kill(name)
 
     def stop_all(self) -> None:
         """Servers first (they withdraw from the registries), then the registries."""
-        order = sorted(self.procs, key=lambda n: n.startswith("reg"))
-        for group in ([n for n in order if not n.startswith("reg")], [n for n in order if n.startswith("reg")]):
-            for name in group:
-                _terminate(self.procs[name])
-            for name in group:
-                _reap(self.procs[name])
+        self.sup.stop(*(tree.name for tree in self.sup.trees if not tree.name.startswith("reg")))
+        self.sup.stop_all()
+        for proc in self.forked.values():  # gone: the forkserver has its exit code
+            proc.join(timeout=5)
 
 
 def _env() -> dict[str, str]:
@@ -137,29 +131,6 @@ def _free_port() -> int:
 
 def _noop() -> None:
     pass
-
-
-def _alive(proc) -> bool:
-    return proc.poll() is None if isinstance(proc, subprocess.Popen) else proc.is_alive()
-
-
-def _terminate(proc) -> None:
-    if _alive(proc):
-        proc.terminate()
-
-
-def _reap(proc) -> None:
-    if isinstance(proc, subprocess.Popen):
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-    else:
-        proc.join(timeout=5)
-        if proc.is_alive():
-            proc.kill()
-            proc.join()
 
 
 def _make_certs(folder: Path) -> tuple[Path, Path, Path]:
@@ -255,6 +226,7 @@ def swarm(tmp_path_factory):
     finally:
         procs.stop_all()
         warm.join(timeout=5)
+    assert_no_leftovers(procs.sup)
 
 
 def _wait_listed(procs: Procs, security: Security, expected: dict[str, str], servers: dict) -> None:
@@ -437,6 +409,7 @@ def test_cli_generate_and_perplexity_through_the_swarm(swarm, local_base, labell
         out, err = tmp_path / f"{name}.out", tmp_path / f"{name}.err"
         runs[name] = _FORKSERVER.Process(target=_run_cli, args=(str(out), argv, str(err)))
         runs[name].start()
+        swarm.procs.sup.adopt(name, runs[name].pid)  # stopped, and checked, with the swarm
     for run in runs.values():
         run.join(timeout=120)
     read = {name: ((tmp_path / f"{name}.out").read_text(), (tmp_path / f"{name}.err").read_text()) for name in runs}

@@ -10,13 +10,15 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fedswarm.client.edge.merge import RunInfo
 from fedswarm.client.edge.variants import DEFAULT_QUANT, QUANT_MIN_AGREEMENT, parse_quant
 from fedswarm.common.errors import FedswarmError
-from fedswarm.common.model import ModelSpec
+from fedswarm.common.model import DEFAULT_MODEL, ModelSpec
+from fedswarm.common.options import MODELS, add_arguments, model_option, option, required, threads_option
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -29,6 +31,25 @@ log = logging.getLogger(__name__)
 CALIBRATION_SAMPLES = 128
 
 
+@dataclass(frozen=True, kw_only=True)
+class ExportCommand:
+    """``fedswarm export``."""
+
+    adapter: str = required("a run's adapter/ folder (RUN_DIR/adapter), or 'none'")
+    out: str = required("EDGE_DIR to write (replaced only on success)")
+    model: str | None = model_option(None, f"base model: {MODELS} (default: the run's, else {DEFAULT_MODEL})")
+    quant: str = option(",".join(DEFAULT_QUANT), "variants: a comma-separated subset of fp32,int8,q4,q4f16")
+    min_agreement: float = option(
+        QUANT_MIN_AGREEMENT, "least next-token agreement with PyTorch for a quantised variant (fp32 must reach 0.999)"
+    )
+    parity_samples: int = option(16, "held-out texts for the parity check")
+    parity_max_len: int = option(96, "tokens per parity text")
+    calibration_samples: int = option(
+        CALIBRATION_SAMPLES, "training texts GPTQ calibrates the quantised variants on (never the parity texts)"
+    )
+    threads: int = threads_option("torch/onnxruntime threads (0: their default)")
+
+
 def add_parser(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser(
         "export",
@@ -36,27 +57,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         description="Merge the adapter into its base model, export ONNX (KV cache) with optimum, quantise it, "
         "check every variant against PyTorch, and write a model card and a web page.",
     )
-    parser.add_argument("--adapter", required=True, help="a run's adapter/ folder (RUN_DIR/adapter), or 'none'")
-    parser.add_argument("--out", required=True, help="EDGE_DIR to write (replaced only on success)")
-    parser.add_argument("--model", default=None, help="base model (default: the run's, else smollm2-135m)")
-    parser.add_argument(
-        "--quant", default=",".join(DEFAULT_QUANT), help="variants: a comma-separated subset of fp32,int8,q4,q4f16"
-    )
-    parser.add_argument(
-        "--min-agreement",
-        type=float,
-        default=QUANT_MIN_AGREEMENT,
-        help="least next-token agreement with PyTorch for a quantised variant (fp32 must reach 0.999)",
-    )
-    parser.add_argument("--parity-samples", type=int, default=16, help="held-out texts for the parity check")
-    parser.add_argument("--parity-max-len", type=int, default=96, help="tokens per parity text")
-    parser.add_argument(
-        "--calibration-samples",
-        type=int,
-        default=CALIBRATION_SAMPLES,
-        help="training texts GPTQ calibrates the quantised variants on (never the parity texts)",
-    )
-    parser.add_argument("--threads", type=int, default=0, help="torch/onnxruntime threads (0: their default)")
+    add_arguments(parser, ExportCommand)
     parser.set_defaults(handler=run)
 
 

@@ -55,7 +55,7 @@ class QuantizedLinear:
 
 
 # (module name, weight shape [out, in]) -> (bits, block) for layers to quantise, None to leave alone
-Plan = Callable[[str, tuple[int, int]], "tuple[int, int] | None"]
+Plan = Callable[[str, tuple[int, ...]], "tuple[int, int] | None"]
 
 
 def gptq_linear(
@@ -221,14 +221,14 @@ def _first_block_calls(model: PreTrainedModel, block: torch.nn.Module, texts: Se
     return calls
 
 
-def _hessians(block: torch.nn.Module, linears: list[torch.nn.Module], calls: list[Call]) -> dict[int, torch.Tensor]:
+def _hessians(block: torch.nn.Module, linears: list[torch.nn.Linear], calls: list[Call]) -> dict[int, torch.Tensor]:
     """H = 2/n Σ x xᵀ of each linear's inputs over every token of the cached block calls."""
     import torch
 
     sums = {id(m): torch.zeros(m.in_features, m.in_features, dtype=torch.float64) for m in linears}
     counts = dict.fromkeys(sums, 0)
 
-    def collect(module: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
+    def collect(module: torch.nn.Linear, inputs: tuple[torch.Tensor, ...]) -> None:
         x = inputs[0].detach().reshape(-1, module.in_features).to(torch.float64)
         sums[id(module)].addmm_(x.T, x)
         counts[id(module)] += x.shape[0]
@@ -260,4 +260,4 @@ def _decoder_blocks(model: PreTrainedModel) -> list[torch.nn.Module]:
     lists = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList)]
     if not lists:
         raise ValueError(f"{type(model).__name__}: no decoder blocks found for GPTQ")
-    return list(max(lists, key=len))
+    return list(max(lists, key=lambda m: len(list(m))))

@@ -32,7 +32,8 @@ def write_model_files(folder: Path, model: PreTrainedModel, tokenizer: PreTraine
         "kv_cache_dtype": {dtype: "float32" for dtype in JS_DTYPES.values()},
     }
     _write_json(config_file, config)
-    model.generation_config.save_pretrained(folder)
+    if model.generation_config is not None:
+        model.generation_config.save_pretrained(folder)
     write_tokenizer(folder, tokenizer)
 
 

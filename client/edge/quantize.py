@@ -54,7 +54,7 @@ class Recipe:
     eight_bit_layers: tuple[str, ...] = ()  # name fragments kept at 8 bits in a 4-bit model
     fp16: bool = False  # then weights, scales and compute in fp16, graph inputs/outputs kept float32
 
-    def layer_plan(self, name: str, shape: tuple[int, int]) -> tuple[int, int] | None:
+    def layer_plan(self, name: str, shape: tuple[int, ...]) -> tuple[int, int] | None:
         """(bits, block) for the linear layer ``name`` of weight shape [out, in]; None where no block fits."""
         eight = self.bits != 8 and any(part in name for part in self.eight_bit_layers)
         bits, block = (8, EIGHT_BIT_BLOCK) if eight else (self.bits, self.block)

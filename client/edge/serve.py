@@ -12,17 +12,28 @@ import mimetypes
 import posixpath
 import sys
 import threading
+from dataclasses import dataclass
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 from fedswarm.common.errors import FedswarmError
+from fedswarm.common.options import add_arguments, option, positional
 
 PREFIX = "/edge/"
 PAGE = PREFIX + "web/"
 TYPES = {".mjs": "text/javascript", ".js": "text/javascript", ".wasm": "application/wasm", ".json": "application/json"}
 CHUNK = 1 << 20
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServeWebCommand:
+    """``fedswarm serve-web``."""
+
+    edge_dir: str = positional("folder written by 'fedswarm export'", metavar="EDGE_DIR")
+    host: str = option("127.0.0.1", "address to bind (127.0.0.1: this machine only)")
+    port: int = option(8000, "port (0: any free port)")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -31,15 +42,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="serve an edge export's web page on localhost",
         description="Serve EDGE_DIR (written by 'fedswarm export') so a browser can chat with the model locally.",
     )
-    parser.add_argument("edge_dir", metavar="EDGE_DIR", help="folder written by 'fedswarm export'")
-    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: localhost only)")
-    parser.add_argument("--port", type=int, default=8000, help="port (0: any free port)")
+    add_arguments(parser, ServeWebCommand)
     parser.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:
     server = make_server(Path(args.edge_dir), args.host, args.port)
     host, port = server.server_address[:2]
+    host = host.decode() if isinstance(host, bytes) else host
     print(f"serving {args.edge_dir} at http://{host}:{port}{PAGE} (Ctrl-C to stop)", flush=True)
     try:
         server.serve_forever()

@@ -4,38 +4,65 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import dataclass
+from typing import Any
 
-from fedswarm.common.swarm_cli import add_security, security_of
+from fedswarm.common.options import (
+    DATA,
+    add_arguments,
+    flag,
+    max_seq_len_option,
+    model_option,
+    option,
+    positional,
+    registry_option,
+    required,
+    threads_option,
+)
+from fedswarm.common.swarm_cli import SwarmSecurity, security_of
+
+
+@dataclass(frozen=True, kw_only=True)
+class SwarmClientOptions(SwarmSecurity):
+    """How a client reaches the swarm: the registries, the model and adapter to use, its own threads."""
+
+    registry: list[str] = registry_option()
+    model: str = model_option("", "model to use ('': the one the servers announce)")
+    adapter_id: str | None = option(None, "adapter to use ('' for none; default: the servers')", group="adapter")
+    adapter: str | None = option(None, "use servers that merged this PEFT adapter folder", group="adapter")
+    threads: int = threads_option()
+
+
+@dataclass(frozen=True, kw_only=True)
+class GenerateCommand(SwarmClientOptions):
+    """``fedswarm swarm generate``."""
+
+    prompt: str = positional("text to continue")
+    max_new_tokens: int = option(32, "tokens to generate")
+    chat: bool = flag("wrap the prompt in the model's chat template")
+
+
+@dataclass(frozen=True, kw_only=True)
+class PerplexityCommand(SwarmClientOptions):
+    """``fedswarm swarm perplexity``."""
+
+    data: str = required(DATA)
+    max_samples: int = option(64, "records to score (0: all)")
+    max_seq_len: int = max_seq_len_option()
+    batch_size: int = option(8, "records per Forward call")
 
 
 def add_commands(commands: argparse._SubParsersAction) -> None:
     generate = commands.add_parser("generate", help="greedy generation through the swarm")
-    _client(generate)
-    generate.add_argument("prompt", help="text to continue")
-    generate.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate")
-    generate.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    add_arguments(generate, GenerateCommand)
     generate.set_defaults(handler=run_generate)
 
     ppl = commands.add_parser("perplexity", help="perplexity of a dataset's answers through the swarm")
-    _client(ppl)
-    ppl.add_argument("--data", required=True, help="sarcasm, diabetes, or a .jsonl/.csv file")
-    ppl.add_argument("--max-samples", type=int, default=64, help="records to score (0: all)")
-    ppl.add_argument("--max-seq-len", type=int, default=128, help="tokens per record (prompt cut from the left)")
-    ppl.add_argument("--batch-size", type=int, default=8, help="records per Forward call")
+    add_arguments(ppl, PerplexityCommand)
     ppl.set_defaults(handler=run_perplexity)
 
 
-def _client(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--registry", action="append", required=True, help="HOST:PORT; repeat for several registries")
-    parser.add_argument("--model", default="", help="model to use (default: the one the servers announce)")
-    adapter = parser.add_mutually_exclusive_group()
-    adapter.add_argument("--adapter-id", default=None, help="adapter to use ('' for none; default: the servers')")
-    adapter.add_argument("--adapter", default=None, help="use servers that merged this PEFT adapter folder")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    add_security(parser, server=False)
-
-
-def _connect(args: argparse.Namespace) -> tuple[object, object, object]:
+def _connect(args: argparse.Namespace) -> tuple[Any, Any, Any]:
     """Client, model and tokenizer for the model the swarm serves."""
     from fedswarm.client.swarm.client import SwarmClient
     from fedswarm.common.addresses import registries_arg
@@ -64,19 +91,19 @@ def run_generate(args: argparse.Namespace) -> int:
     client, model, tokenizer = _connect(args)
     if args.chat:
         messages = [{"role": "user", "content": args.prompt}]
-        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)  # type: ignore[attr-defined]
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     else:
         text = args.prompt
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]  # type: ignore[operator]
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def show(token: int, _session: object) -> None:
-        sys.stdout.write(tokenizer.decode([token]))  # type: ignore[attr-defined]
+        sys.stdout.write(tokenizer.decode([token]))
         sys.stdout.flush()
 
     try:
-        result = model.generate(ids, args.max_new_tokens, tokenizer.eos_token_id, on_token=show)  # type: ignore[attr-defined]
+        result = model.generate(ids, args.max_new_tokens, tokenizer.eos_token_id, on_token=show)
     finally:
-        client.close()  # type: ignore[attr-defined]
+        client.close()
     sys.stdout.write("\n")
     rate = len(result.tokens) / max(sum(result.step_s), 1e-9)
     print(f"{len(result.tokens)} tokens, {rate:.1f} tokens/s over {result.hops} hops", file=sys.stderr)
@@ -92,8 +119,8 @@ def run_perplexity(args: argparse.Namespace) -> int:
     client, model, tokenizer = _connect(args)
     encoded = [encode(tokenizer, example, args.max_seq_len) for example in examples]
     try:
-        nll, count = model.answer_nll([(e.input_ids, e.prompt_len) for e in encoded], args.batch_size)  # type: ignore[attr-defined]
+        nll, count = model.answer_nll([(e.input_ids, e.prompt_len) for e in encoded], args.batch_size)
     finally:
-        client.close()  # type: ignore[attr-defined]
+        client.close()
     print(f"perplexity {perplexity(nll, count):.3f} over {count} answer tokens of {len(encoded)} records")
     return 0

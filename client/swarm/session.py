@@ -36,7 +36,7 @@ class _Stream:
 
     def __init__(self, client: SwarmClient, hop: Hop, max_length: int, session_id: str) -> None:
         self.hop = hop
-        self._first = swarm_pb2.InferenceRequest(
+        self._first: swarm_pb2.InferenceRequest | None = swarm_pb2.InferenceRequest(
             protocol_version=PROTOCOL_VERSION,
             start=hop.start,
             end=hop.end,

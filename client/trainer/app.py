@@ -15,8 +15,9 @@ from flwr.clientapp import ClientApp
 from fedswarm.client.trainer.drift import DriftCorrection
 from fedswarm.client.trainer.node_round import node_rank, prepare_adapter, train_round
 from fedswarm.client.trainer.runtime import Shard, lora_model, shard_for
+from fedswarm.common.codecs import codec_for
 from fedswarm.common.config import FederationConfig, from_run_config
-from fedswarm.common.contract import CONTROL_KEY, NODE_INFO_KEY, PRIVACY_KEY, Reply, Sent
+from fedswarm.common.contract import CONTROL_KEY, NODE_INFO_KEY, PRIVACY_KEY, Reply, Sent, arrays_of
 
 if TYPE_CHECKING:
     from peft import PeftModel
@@ -51,13 +52,13 @@ def _prepare(msg: Message, context: Context) -> Prepared:
         torch.set_num_threads(threads)
     device = resolve_device(cfg.device)
     check_quantize_base(cfg.quantize_base, device)
-    shard = shard_for(context.node_config, cfg)
+    shard = shard_for(context.node_config, cfg, str(config.get(Sent.POOL, "")))
     if shard.partition_id < 0:  # a deployed node: its own batch-order and DP-noise seed stream
         shard = replace(shard, partition_id=int(context.node_id) % 1_000_003)
     rank = node_rank(cfg, context.node_config, shard.partition_id)
     model, tokenizer = lora_model(cfg.model, rank, cfg.lora_alpha, cfg.seed, device, cfg.quantize_base)
-    prepare_adapter(model, cfg, msg.content["arrays"].to_torch_state_dict(), rank)
-    return Prepared(cfg, int(config.get(Sent.SERVER_ROUND, 0)), device, shard, rank, model, tokenizer)
+    prepare_adapter(model, codec_for(cfg), arrays_of(msg.content), rank)
+    return Prepared(cfg, int(str(config.get(Sent.SERVER_ROUND, 0))), device, shard, rank, model, tokenizer)
 
 
 def _privacy_history(msg: Message, context: Context) -> str | None:
@@ -99,7 +100,9 @@ def train(msg: Message, context: Context) -> Message:
         Reply.LORA_RANK: job.rank,
         Reply.PEAK_RSS_MB: peak_rss_mb(),
     }
-    content = RecordDict({"metrics": MetricRecord(metrics), NODE_INFO_KEY: ConfigRecord(node_info(job.device))})
+    content = RecordDict(
+        {"metrics": MetricRecord(dict(metrics)), NODE_INFO_KEY: ConfigRecord(dict(node_info(job.device)))}
+    )
     if out.state is not None:
         content["arrays"] = ArrayRecord(out.state)
     if drift is not None and out.state is not None:  # this round's c_i: kept on the node, sent for c
@@ -122,4 +125,4 @@ def evaluate(msg: Message, context: Context) -> Message:
     values: dict[str, float | int] = {Reply.EVAL_LOSS: result.loss, Reply.NUM_EXAMPLES: result.examples}
     if result.accuracy is not None:
         values[Reply.EVAL_ACCURACY] = result.accuracy
-    return Message(content=RecordDict({"metrics": MetricRecord(values)}), reply_to=msg)
+    return Message(content=RecordDict({"metrics": MetricRecord(dict(values))}), reply_to=msg)

@@ -12,11 +12,35 @@ import argparse
 import json
 import subprocess
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 from fedswarm.common.errors import FedswarmError
+from fedswarm.common.options import add_arguments, option, required, root_cert_option
+from fedswarm.common.options import flag as flag_option
 
 REFUSED = "Exit Code: 305"  # Flower: the SuperNode could not activate (e.g. its key is not registered)
+
+
+@dataclass(frozen=True, kw_only=True)
+class NodeKeyCommand:
+    """``fedswarm node-key``."""
+
+    out: str = required("folder for the key files")
+    name: str = option("node", "file name of the key pair")
+
+
+@dataclass(frozen=True, kw_only=True)
+class NodeCommand:
+    """``fedswarm node``."""
+
+    coordinator: str = required("HOST:PORT of `fedswarm coordinator`")
+    data: str = required("this node's data: a .jsonl (evals chat format) or .csv file")
+    root_cert: str | None = root_cert_option()
+    auth_key: str | None = option(None, "this node's private key (from `fedswarm node-key`)")
+    lora_rank: int = option(0, "LoRA rank on this node (svd aggregation; 0: the run's)")
+    port: int = option(0, "local port of the SuperNode's runtime API (0: a free one)")
+    insecure: bool = flag_option("no TLS (only against an --insecure coordinator)")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -25,8 +49,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="make a node's authentication key pair",
         description="Writes NAME (private: stays on the node) and NAME.pub (give it to the coordinator).",
     )
-    key.add_argument("--out", required=True, help="folder for the key files")
-    key.add_argument("--name", default="node", help="file name of the key pair")
+    add_arguments(key, NodeKeyCommand)
     key.set_defaults(handler=run_node_key)
 
     node = sub.add_parser(
@@ -34,13 +57,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="join a coordinator as a client node (Flower SuperNode) training on a local data file",
         description="Starts flower-supernode; runs until Ctrl-C or until the coordinator refuses it.",
     )
-    node.add_argument("--coordinator", required=True, help="HOST:PORT of `fedswarm coordinator`")
-    node.add_argument("--data", required=True, help="this node's data: a .jsonl (evals chat format) or .csv file")
-    node.add_argument("--root-cert", help="the coordinator's ca.crt (from `fedswarm certs`)")
-    node.add_argument("--auth-key", help="this node's private key (from `fedswarm node-key`)")
-    node.add_argument("--lora-rank", type=int, default=0, help="LoRA rank on this node (svd aggregation; 0: the run's)")
-    node.add_argument("--port", type=int, default=0, help="local port of the SuperNode's runtime API (0: a free one)")
-    node.add_argument("--insecure", action="store_true", help="no TLS (only against an --insecure coordinator)")
+    add_arguments(node, NodeCommand)
     node.set_defaults(handler=run_node)
 
 
@@ -83,12 +100,12 @@ def supernode_command(args: argparse.Namespace, port: int) -> list[str]:
 
 
 def run_node(args: argparse.Namespace) -> int:
-    from fedswarm.common.processes import Processes, flower_env, free_port, stop_on_sigterm
+    from fedswarm.common.processes import Supervisor, flower_env, free_port, stop_on_sigterm
 
     cmd = supernode_command(args, args.port or free_port())
     stop_on_sigterm()
     seen: list[str] = []
-    with Processes() as procs:
+    with Supervisor() as procs:
         proc = procs.start("supernode", cmd, flower_env(), output=subprocess.PIPE)
         # a thread passes Flower's log through: the SuperNode's own children hold the pipe open after it exits
         echo = threading.Thread(target=_echo, args=(proc, seen), daemon=True)

@@ -8,8 +8,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from fedswarm.client.trainer.runtime import Shard
+from fedswarm.common.codecs import AdapterCodec, codec_for
 from fedswarm.common.config import FederationConfig
 from fedswarm.common.contract import Reply
+from fedswarm.common.seeds import DP_NOISE, round_seed
 
 if TYPE_CHECKING:
     import torch
@@ -33,28 +35,21 @@ def node_rank(cfg: FederationConfig, node_config: Mapping[str, Any], partition_i
     return ranks[max(partition_id, 0) % len(ranks)]
 
 
-def prepare_adapter(model: PeftModel, cfg: FederationConfig, received: dict[str, torch.Tensor], rank: int) -> None:
-    """Load the global adapter at this node's rank; in ffa mode freeze A (only B trains)."""
-    from fedswarm.common.lora import adapter_state, load_adapter_state, lora_rank_of, resize_rank
+def prepare_adapter(model: PeftModel, codec: AdapterCodec, received: dict[str, torch.Tensor], rank: int) -> None:
+    """Load the global adapter as the codec rebuilds it at this node's rank; train what the codec trains."""
+    from fedswarm.common.lora import adapter_state, load_adapter_state
 
-    current = adapter_state(model)
-    if cfg.aggregation == "ffa":
-        received = {**{k: v for k, v in current.items() if "lora_A" in k}, **received}
-    sent_rank = lora_rank_of(received)
-    if sent_rank != rank:
-        received = resize_rank(received, rank, cfg.lora_alpha / sent_rank, cfg.lora_alpha / rank, filler=current)
-    load_adapter_state(model, received)
+    load_adapter_state(model, codec.rebuild(adapter_state(model), received, rank))
     for name, param in model.named_parameters():
         if "lora_" in name:
-            param.requires_grad_(not (cfg.aggregation == "ffa" and "lora_A" in name))
+            param.requires_grad_(codec.trainable(name))
 
 
 def outgoing(model: PeftModel, cfg: FederationConfig) -> dict[str, torch.Tensor]:
-    """What the node sends: the whole adapter, or only B under ffa (A is the shared seed's)."""
+    """What the node sends back: the tensors its codec trains."""
     from fedswarm.common.lora import adapter_state
 
-    state = adapter_state(model)
-    return {k: v for k, v in state.items() if "lora_B" in k} if cfg.aggregation == "ffa" else state
+    return codec_for(cfg).reply(adapter_state(model))
 
 
 def train_round(
@@ -67,7 +62,7 @@ def train_round(
     on_grads: Callable[[], None] | None = None,
 ) -> RoundOutput:
     """Local training (DP-SGD under ``--dp``); ``on_grads`` sees every step's gradients (SCAFFOLD)."""
-    seed = cfg.seed * 1_000_003 + server_round * 1009 + shard.partition_id
+    seed = round_seed(cfg.seed, server_round, shard.partition_id)
     if cfg.dp:
         return _train_dp(model, tokenizer, shard, cfg, seed, privacy_history, on_grads)
     from fedswarm.client.trainer.local_train import train_lora
@@ -109,7 +104,7 @@ def _train_dp(
             return RoundOutput(None, metrics, accountant.dumps(), note)
     result = train_lora_dp(
         model, tokenizer, shard.train, cfg.local_steps, cfg.dp_lr(), cfg.max_seq_len, settings, accountant,
-        seed, noise_generator(None if cfg.dp_seed < 0 else cfg.dp_seed + seed, _device_of(model)), on_grads, rates,
+        seed, noise_generator(_noise_seed(cfg, seed), _device_of(model)), on_grads, rates,
     )  # fmt: skip
     metrics = {
         **_privacy_metrics(settings, result.epsilon, result.steps),
@@ -132,6 +127,11 @@ def _noise_for(epsilon: float, delta: float, q: float, steps: int, accountant: s
 def _calibrated(cfg: FederationConfig, q: float) -> float:
     """The noise that spends ``--epsilon`` over every round's steps at rate ``q`` (cached: PRV takes seconds)."""
     return _noise_for(cfg.epsilon, cfg.delta, q, cfg.rounds * cfg.local_steps, cfg.accountant)
+
+
+def _noise_seed(cfg: FederationConfig, batch_seed: int) -> int | None:
+    """``--dp-seed``'s noise stream for this node and round (None: noise seeded from the OS)."""
+    return None if cfg.dp_seed < 0 else round_seed(cfg.dp_seed, 0, batch_seed, DP_NOISE)
 
 
 def _device_of(model: PeftModel) -> str:

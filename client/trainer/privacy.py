@@ -168,7 +168,7 @@ def train_lora_dp(
             if len(chosen) == 0:
                 empty += 1
                 for p in params:  # the clipped sum is zero; the step is noise only
-                    p.grad_sample = torch.zeros((1, *p.shape), dtype=p.dtype, device=p.device)
+                    p.grad_sample = torch.zeros((1, *p.shape), dtype=p.dtype, device=p.device)  # type: ignore[attr-defined]  # Opacus' per-sample field
                 optimizer.step()
             else:
                 loss_sum = 0.0
@@ -233,7 +233,7 @@ def dp_components(
         inner,
         noise_multiplier=settings.noise_multiplier,
         max_grad_norm=settings.max_grad_norm,
-        expected_batch_size=expected_batch,  # type: ignore[arg-type]  # the mean's divisor; a float is fine
+        expected_batch_size=expected_batch,  # the mean's divisor; a float is fine
         loss_reduction="mean",
         generator=generator,
     )
@@ -244,7 +244,7 @@ def _is_lora(name: str) -> bool:
     return "lora_" in name
 
 
-def _check_updated(params: list[torch.Tensor], before: list[torch.Tensor], expect_change: bool) -> None:
+def _check_updated(params: Sequence[torch.Tensor], before: Sequence[torch.Tensor], expect_change: bool) -> None:
     """Fail loudly on a silent no-op DP step (Opacus issue 820, seen with some PEFT versions)."""
     import torch
 

@@ -9,7 +9,8 @@ from typing import TYPE_CHECKING, Any
 
 from fedswarm.common.config import FederationConfig
 from fedswarm.common.data import Example, load_examples
-from fedswarm.common.splits import node_slices, run_records
+from fedswarm.common.errors import FedswarmError
+from fedswarm.common.splits import node_slices, pool_partition
 
 if TYPE_CHECKING:
     from peft import PeftModel
@@ -40,15 +41,16 @@ def examples(data: str, max_samples: int) -> list[Example]:
     return load_examples(data, max_samples)
 
 
-def simulated_shard(node_config: Mapping[str, Any], cfg: FederationConfig) -> Shard:
-    """This virtual node's partition of the shared pool (the held-out split excluded)."""
-    from fedswarm.common.partition import parse_partition, partition
+def simulated_shard(node_config: Mapping[str, Any], cfg: FederationConfig, pool: str = "") -> Shard:
+    """This virtual node's partition of the shared pool ``pool`` (the held-out split excluded).
 
+    ``pool`` is the run's ``data``, which a simulation's coordinator sends its virtual nodes
+    (they share its machine); a deployed node is never sent it.
+    """
     pid, parts = int(node_config["partition-id"]), int(node_config["num-partitions"])
-    records, split = run_records(cfg.data, cfg.max_samples, cfg.eval_size, cfg.seed)
-    labels = [records[i].label for i in split.train]
-    mine = partition(split.train.tolist(), labels, parts, parse_partition(cfg.partition), cfg.seed)[pid]
-    train, validation = node_slices(mine)
+    records, train, validation = pool_partition(
+        pool, cfg.max_samples, cfg.eval_size, cfg.seed, cfg.partition, pid, parts
+    )
     return Shard([records[i] for i in train], [records[i] for i in validation], pid)
 
 
@@ -59,7 +61,10 @@ def local_shard(data_path: str, cfg: FederationConfig) -> Shard:
     return Shard([records[i] for i in train], [records[i] for i in validation], -1)
 
 
-def shard_for(node_config: Mapping[str, Any], cfg: FederationConfig) -> Shard:
+def shard_for(node_config: Mapping[str, Any], cfg: FederationConfig, pool: str) -> Shard:
+    """A deployed node's own file (node config ``data-path``), else a simulated node's partition of ``pool``."""
     if "data-path" in node_config:
         return local_shard(str(node_config["data-path"]), cfg)
-    return simulated_shard(node_config, cfg)
+    if not pool:
+        raise FedswarmError("this node has no data: give it --data (node config data-path)")
+    return simulated_shard(node_config, cfg, pool)

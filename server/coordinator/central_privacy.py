@@ -59,4 +59,7 @@ class OpacusRdpAccountant:
         return {"events": [list(e) for e in self._events]}
 
     def load_state_dict(self, state: dict[str, object]) -> None:
-        self._events = [(float(s), int(n)) for s, n in state["events"]]  # type: ignore[union-attr]
+        events = state["events"]
+        if not isinstance(events, list):
+            raise ValueError(f"central DP accountant state: events must be a list, got {events!r}")
+        self._events = [(float(s), int(n)) for s, n in events]

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 from flwr.app import ArrayRecord, Message
 
-from fedswarm.common.contract import CONTROL_KEY, Reply
+from fedswarm.common.contract import CONTROL_KEY, Reply, arrays_of, number
 
 if TYPE_CHECKING:
     import torch
@@ -26,11 +26,11 @@ def pop_mean_control(replies: Sequence[Message]) -> dict[str, torch.Tensor]:
     The control records leave the replies, so the strategy sees one ArrayRecord per reply
     (the adapter), as Flower's FedAvg requires.
     """
-    weights = [float(r.content["metrics"][Reply.NUM_EXAMPLES]) for r in replies]
+    weights = [number(r.content["metrics"], Reply.NUM_EXAMPLES) for r in replies]
     total = sum(weights)
     out: dict[str, torch.Tensor] = {}
     for weight, reply in zip(weights, replies, strict=True):
-        for key, tensor in reply.content[CONTROL_KEY].to_torch_state_dict().items():
+        for key, tensor in arrays_of(reply.content, CONTROL_KEY).items():
             term = tensor.double() * (weight / total)
             out[key] = out[key] + term if key in out else term
         del reply.content[CONTROL_KEY]

@@ -11,23 +11,16 @@ from typing import TYPE_CHECKING, Any
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
+from fedswarm.common.codecs import AdapterCodec, codec_for
 from fedswarm.common.config import FederationConfig
-from fedswarm.common.contract import NODE_INFO_KEY, Reply, Sent
+from fedswarm.common.contract import NODE_INFO_KEY, Reply, arrays_of, flag, number, whole
 from fedswarm.common.errors import FedswarmError
 from fedswarm.common.stop import check_stop
-from fedswarm.server.coordinator.aggregation import apply_server_lr
 from fedswarm.server.coordinator.central_eval import CentralEvaluator
 from fedswarm.server.coordinator.controls import attach_control, pop_mean_control
 from fedswarm.server.coordinator.replies import Screened, screen_replies
 from fedswarm.server.coordinator.resume import Resumed, load_resume, restore_strategy, strategy_state
-from fedswarm.server.coordinator.round_plan import (
-    NodeBook,
-    aggregation_residual,
-    learn_from,
-    outgoing_state,
-    personalise,
-    privacy_row,
-)
+from fedswarm.server.coordinator.round_plan import NodeBook, learn_from, personalise, privacy_row, round_config
 from fedswarm.server.coordinator.rounds import Collected, send_and_collect, wait_for_nodes
 from fedswarm.server.coordinator.run_dir import RunDir
 from fedswarm.server.coordinator.strategy import build_strategy
@@ -40,8 +33,11 @@ log = logging.getLogger("fedswarm")
 NODE_WAIT_SECONDS = 120.0
 
 
-def run_federation(grid: Grid, cfg: FederationConfig) -> dict[str, Any]:
-    """Run ``cfg.rounds`` rounds and write the run folder; returns the summary."""
+def run_federation(grid: Grid, cfg: FederationConfig, simulated: bool = False) -> dict[str, Any]:
+    """Run ``cfg.rounds`` rounds and write the run folder; returns the summary.
+
+    ``simulated``: the nodes are a simulation's virtual ones, sent the shared pool to partition.
+    """
     started = time.perf_counter()
     resumed = load_resume(cfg.resume, cfg) if cfg.resume else None
     cfg = resumed.cfg if resumed else cfg
@@ -50,10 +46,10 @@ def run_federation(grid: Grid, cfg: FederationConfig) -> dict[str, Any]:
     run = RunDir(cfg.out)
     if not resumed and run.read_metrics():
         raise FedswarmError(f"--out {cfg.out}: already holds a run (metrics.jsonl); choose another folder")
-    strategy = build_strategy(cfg, cfg.needed_clients())
+    codec = codec_for(cfg)
+    strategy = build_strategy(cfg, codec, cfg.needed_clients())
     evaluator = CentralEvaluator(cfg)
     state = evaluator.initial_state()
-    fixed_a = {k: v for k, v in state.items() if "lora_A" in k}  # the shared seeded A (ffa keeps it)
     state, book, rows = _starting_point(resumed, strategy, evaluator, state, run)
     control = resumed.control if resumed else None  # SCAFFOLD's c (none before round 1)
     last_round = first_round = resumed.round if resumed else 0
@@ -63,13 +59,13 @@ def run_federation(grid: Grid, cfg: FederationConfig) -> dict[str, Any]:
         wanted = cfg.clients if round_no == first_round + 1 else cfg.needed_clients()  # everyone, at the start
         node_ids = wait_for_nodes(grid, wanted, cfg.needed_clients(), NODE_WAIT_SECONDS)
         log.info("round %d/%d: training on %d clients", round_no, cfg.rounds, len(node_ids))
-        config = ConfigRecord({**cfg.to_run_config(), Sent.SERVER_ROUND: round_no})
-        arrays = ArrayRecord(outgoing_state(cfg, state, None))
-        messages = personalise(strategy.configure_train(round_no, arrays, config, grid), cfg, state, book)
+        config = round_config(cfg, round_no, simulated)
+        arrays = ArrayRecord(codec.outgoing(state))
+        messages = personalise(strategy.configure_train(round_no, arrays, config, grid), codec, state, book)
         attach_control(messages, control)  # None unless --scaffold, and before round 1's c
-        sent = {int(m.metadata.dst_node_id): m.content["arrays"].to_torch_state_dict() for m in messages}
+        sent = {int(m.metadata.dst_node_id): arrays_of(m.content) for m in messages}
         collected = send_and_collect(grid, messages, cfg.round_timeout, _progress(round_no))
-        screened = screen_replies(collected.replies, cfg, sent, round_no)
+        screened = screen_replies(collected.replies, cfg, sent, round_no, codec)
         _require_quorum(round_no, cfg, collected, screened)
         trained, declined = learn_from(screened.accepted, book)
         train_seconds = time.perf_counter() - t0
@@ -84,14 +80,11 @@ def run_federation(grid: Grid, cfg: FederationConfig) -> dict[str, Any]:
         aggregated, train_metrics = strategy.aggregate_train(round_no, trained)
         if aggregated is None:
             raise FedswarmError(f"round {round_no}: aggregation produced no adapter")
-        new_state = aggregated.to_torch_state_dict()
-        if cfg.aggregation != "svd":  # svd steps in product space, inside its aggregation
-            new_state = apply_server_lr(state, new_state, cfg.server_lr)
-        if cfg.aggregation == "ffa":
-            new_state = {**fixed_a, **new_state}
-        residual = aggregation_residual(cfg, strategy, trained, new_state, fixed_a, state)
+        new_state = codec.complete(aggregated.to_torch_state_dict(), state)
+        residual = codec.residual(strategy, trained, new_state, state)
+        codec.forget()
         state = new_state
-        fed_eval = _federated_eval(grid, strategy, round_no, state, config, node_ids, cfg)
+        fed_eval = _federated_eval(grid, strategy, codec, round_no, state, config, node_ids, cfg)
         result = evaluator(state)
         row = _row(
             round_no, result, train_metrics, collected, trained, time.perf_counter() - t0, evaluator.last_seconds
@@ -165,26 +158,33 @@ def _progress(round_no: int) -> Any:
             log.warning("round %d: client %d/%d failed: %s", round_no, done, total, reply.error.reason)
             return
         metrics = reply.content["metrics"]
-        if int(metrics.get(Reply.DECLINED, 0)):
+        if flag(metrics, Reply.DECLINED):
             log.warning("round %d: client %d/%d declined: %s", round_no, done, total, reply.content["privacy"]["note"])
             return
         log.info(
             "round %d: client %d/%d done (loss %.4f, %d steps, %.1f s%s)",
             round_no, done, total, metrics[Reply.TRAIN_LOSS], metrics[Reply.STEPS], metrics[Reply.SECONDS],
-            f", epsilon {metrics['epsilon']:.3f}, {metrics['sample-rate']:.4f} x {metrics['noise-multiplier']:.3f}"
-            if "epsilon" in metrics else "",
+            f", epsilon {number(metrics, Reply.EPSILON):.3f}, {number(metrics, Reply.SAMPLE_RATE):.4f} x "
+            f"{number(metrics, Reply.NOISE_MULTIPLIER):.3f}" if Reply.EPSILON in metrics else "",
         )  # fmt: skip
 
     return report
 
 
 def _federated_eval(
-    grid: Grid, strategy: Any, round_no: int, state: dict, config: ConfigRecord, node_ids: list[int], cfg: Any
+    grid: Grid,
+    strategy: Any,
+    codec: AdapterCodec,
+    round_no: int,
+    state: dict,
+    config: ConfigRecord,
+    node_ids: list[int],
+    cfg: Any,
 ) -> dict[str, Any]:
     if cfg.fraction_evaluate <= 0:
         return {}
     count = max(1, int(len(node_ids) * cfg.fraction_evaluate))
-    record = RecordDict({"arrays": ArrayRecord(outgoing_state(cfg, state, None)), "config": config})
+    record = RecordDict({"arrays": ArrayRecord(codec.outgoing(state)), "config": config})
     msgs = [Message(content=record, message_type=MessageType.EVALUATE, dst_node_id=n) for n in node_ids[:count]]
     collected = send_and_collect(grid, msgs, cfg.round_timeout)
     metrics = strategy.aggregate_evaluate(round_no, collected.replies)
@@ -216,25 +216,25 @@ def _row(
         "seconds": seconds,
         "eval_seconds": eval_s,
         "client_seconds": train.get("seconds"),
-        "client_peak_rss_mb": max(float(r.content["metrics"][Reply.PEAK_RSS_MB]) for r in trained),
+        "client_peak_rss_mb": max(number(r.content["metrics"], Reply.PEAK_RSS_MB) for r in trained),
         "per_client": [_client_detail(r) for r in trained],
     }
 
 
 def _client_detail(reply: Message) -> dict[str, Any]:
     metrics = reply.content["metrics"]
-    detail = {
+    detail: dict[str, Any] = {
         "node": int(reply.metadata.src_node_id),
-        "examples": int(metrics[Reply.NUM_EXAMPLES]),
-        "train_loss": float(metrics[Reply.TRAIN_LOSS]),
-        "seconds": float(metrics[Reply.SECONDS]),
-        "peak_rss_mb": float(metrics[Reply.PEAK_RSS_MB]),
-        "lora_rank": int(metrics[Reply.LORA_RANK]),
+        "examples": whole(metrics, Reply.NUM_EXAMPLES),
+        "train_loss": number(metrics, Reply.TRAIN_LOSS),
+        "seconds": number(metrics, Reply.SECONDS),
+        "peak_rss_mb": number(metrics, Reply.PEAK_RSS_MB),
+        "lora_rank": whole(metrics, Reply.LORA_RANK),
     }
     if "epsilon" in metrics:
-        detail["epsilon"] = float(metrics[Reply.EPSILON])
+        detail["epsilon"] = number(metrics, Reply.EPSILON)
     if NODE_INFO_KEY in reply.content:  # where the client ran: host, Ray node, device
-        detail.update({k.replace("-", "_"): v for k, v in reply.content[NODE_INFO_KEY].items()})
+        detail.update({k.replace("-", "_"): v for k, v in reply.content.config_records[NODE_INFO_KEY].items()})
     return detail
 
 

@@ -14,14 +14,43 @@ import json
 import logging
 import subprocess
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fedswarm.common.errors import FedswarmError
+from fedswarm.common.options import add_arguments, flag, host_option, option, required
+
+if TYPE_CHECKING:
+    from fedswarm.common.processes import Supervisor
 
 log = logging.getLogger("fedswarm")
 
 CONNECTION = "fedswarm"  # the coordinator's own SuperLink connection, in RUN_DIR/.flwr
 KEY_POLL_SECONDS = 2.0
+REGISTER_TIMEOUT_S = 120.0  # one round of `flwr supernode register` calls
+REGISTER_ATTEMPTS = 3
+
+
+@dataclass(frozen=True, kw_only=True)
+class CertsCommand:
+    """``fedswarm certs``."""
+
+    out: str = required("folder for the certificate files")
+    host: list[str] = required("names or IPs nodes dial (127.0.0.1 and localhost are always added)", nargs="+")
+    days: int = option(365, "validity", unit="days")
+
+
+@dataclass(frozen=True, kw_only=True)
+class CoordinatorCommand:
+    """``fedswarm coordinator``."""
+
+    host: str = host_option("0.0.0.0")
+    port: int = option(9092, "port of the SuperLink's HTTPS APIs (Fleet, Control)")
+    certs: str | None = option(None, "folder from `fedswarm certs` (ca.crt, server.pem, server.key)")
+    auth_keys: str | None = option(None, "folder of node public keys (*.pub) to register; watched while running")
+    run_dir: str = option("runs", "working folder: run folders, SuperLink state and log")
+    insecure: bool = flag("no TLS and no node authentication (trusted LAN only)")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -30,11 +59,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="make a CA and a TLS certificate for the coordinator",
         description="Writes ca.crt (give it to nodes), ca.key, server.pem and server.key (keep them).",
     )
-    certs.add_argument("--out", required=True, help="folder for the certificate files")
-    certs.add_argument(
-        "--host", nargs="+", required=True, help="names or IPs nodes dial (127.0.0.1 and localhost are always added)"
-    )
-    certs.add_argument("--days", type=int, default=365, help="validity, days")
+    add_arguments(certs, CertsCommand)
     certs.set_defaults(handler=run_certs)
 
     coord = sub.add_parser(
@@ -42,12 +67,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="run the coordinator (Flower SuperLink with TLS and node authentication)",
         description="Starts flower-superlink, registers node keys, and serves until Ctrl-C.",
     )
-    coord.add_argument("--host", default="0.0.0.0", help="interface to listen on")
-    coord.add_argument("--port", type=int, default=9092, help="port of the SuperLink's HTTPS APIs (Fleet, Control)")
-    coord.add_argument("--certs", help="folder from `fedswarm certs` (ca.crt, server.pem, server.key)")
-    coord.add_argument("--auth-keys", help="folder of node public keys (*.pub) to register; watched while running")
-    coord.add_argument("--run-dir", default="runs", help="working folder: run folders, SuperLink state and log")
-    coord.add_argument("--insecure", action="store_true", help="no TLS and no node authentication (trusted LAN only)")
+    add_arguments(coord, CoordinatorCommand)
     coord.set_defaults(handler=run_coordinator)
 
 
@@ -82,7 +102,7 @@ def superlink_command(args: argparse.Namespace, run_dir: Path) -> list[str]:
 
 def run_coordinator(args: argparse.Namespace) -> int:
     from fedswarm.common.flower_config import write_connection
-    from fedswarm.common.processes import Processes, flower_env, stop_on_sigterm, wait_for_port
+    from fedswarm.common.processes import Supervisor, flower_env, stop_on_sigterm, wait_for_port
 
     if args.auth_keys and not Path(args.auth_keys).is_dir():
         raise FedswarmError(f"--auth-keys {args.auth_keys}: not a folder")
@@ -100,12 +120,12 @@ def run_coordinator(args: argparse.Namespace) -> int:
     ca = None if args.insecure else str(Path(args.certs, "ca.crt"))
     config = write_connection(home, CONNECTION, f"{local}:{args.port}", ca, args.insecure)
     stop_on_sigterm()
-    with Processes() as procs:
+    with Supervisor() as procs:
         link = procs.start("superlink", cmd, flower_env(), cwd=run_dir)
         wait_for_port(local, args.port, link, 60.0, "flower-superlink")
         print(f"coordinator listening on {args.host}:{args.port}; runs in {run_dir}", flush=True)
         print(f"SuperLink connection '{CONNECTION}' for flwr: {config} (FLWR_HOME={home})", flush=True)
-        keys = KeyRegistrar(Path(args.auth_keys), home) if args.auth_keys else None
+        keys = KeyRegistrar(Path(args.auth_keys), home, procs) if args.auth_keys else None
         while link.poll() is None:
             if keys is not None:
                 keys.register_new()
@@ -114,30 +134,76 @@ def run_coordinator(args: argparse.Namespace) -> int:
 
 
 class KeyRegistrar:
-    """Registers each ``*.pub`` in a folder once, with ``flwr supernode register``."""
+    """Registers each ``*.pub`` in a folder once: ``flwr supernode register`` under the coordinator's supervisor.
 
-    def __init__(self, folder: Path, home: Path) -> None:
+    A registration that fails or outlives ``timeout`` is tried again at the next poll, ``attempts``
+    times in all; the coordinator itself goes on serving whatever happens. A key file written anew
+    (another modification time) is registered anew.
+    """
+
+    def __init__(
+        self,
+        folder: Path,
+        home: Path,
+        procs: Supervisor,
+        timeout: float = REGISTER_TIMEOUT_S,
+        attempts: int = REGISTER_ATTEMPTS,
+    ) -> None:
         self.folder = folder
         self.home = home
-        self.done: set[str] = set()
+        self.procs = procs
+        self.timeout = timeout
+        self.attempts = attempts
+        self.done: set[tuple[str, int]] = set()  # (file name, modification time): registered, or given up on
+        self.failures: dict[tuple[str, int], int] = {}
 
     def register_new(self) -> None:
         from fedswarm.common.processes import flower_env, flower_tool, show
 
-        new = [p for p in sorted(self.folder.glob("*.pub")) if p.name not in self.done]
         started = []
-        for key in new:  # in parallel: each `flwr` call spends seconds importing
+        for key in sorted(self.folder.glob("*.pub")):  # in parallel: each `flwr` call spends seconds importing
+            try:
+                version = (key.name, key.stat().st_mtime_ns)
+            except OSError:  # removed meanwhile
+                continue
+            if version in self.done:
+                continue
             cmd = [flower_tool("flwr"), "supernode", "register", str(key.resolve()), CONNECTION, "--format", "json"]
             show(cmd, f"FLWR_HOME={self.home} ")
             env = flower_env(self.home)
-            started.append((key, subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)))
-        for key, proc in started:
-            out, _ = proc.communicate(timeout=120)
-            self.done.add(key.name)
-            _report(key, proc.returncode, out.decode(errors="replace"))
+            proc = self.procs.start(f"register {key.name}", cmd, env, output=subprocess.PIPE, quiet=True)
+            started.append((key, version, proc))
+        deadline = time.monotonic() + self.timeout
+        for key, version, proc in started:
+            try:
+                out, _ = proc.communicate(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                self.procs.stop(proc, grace=5.0)
+                if proc.stdout is not None:
+                    proc.stdout.close()
+                self._failed(key, version, f"`flwr supernode register` did not finish within {self.timeout:g} s")
+                continue
+            why = _report(key, proc.returncode, out)
+            if why is None:
+                self.done.add(version)
+            else:
+                self._failed(key, version, why)
+
+    def _failed(self, key: Path, version: tuple[str, int], why: str) -> None:
+        tries = self.failures[version] = self.failures.get(version, 0) + 1
+        if tries < self.attempts:
+            log.warning(
+                "node key %s not registered (attempt %d of %d): %s; trying again", key.name, tries, self.attempts, why
+            )
+            return
+        self.done.add(version)
+        log.error(
+            "gave up on node key %s after %d attempts: %s; write the key file again to retry", key.name, tries, why
+        )
 
 
-def _report(key: Path, code: int, output: str) -> None:
+def _report(key: Path, code: int, output: str) -> str | None:
+    """Print the outcome of one registration; ``None`` if the key is registered, else why not."""
     start = output.find("{")
     try:
         answer = json.loads(output[start:]) if start >= 0 else {}
@@ -148,4 +214,5 @@ def _report(key: Path, code: int, output: str) -> None:
     elif "already" in output.lower():
         print(f"node key {key.name} was registered before", flush=True)
     else:
-        log.warning("could not register node key %s: %s", key.name, " ".join(output.split())[-300:])
+        return f"exit code {code}: {' '.join(output.split())[-300:]}"
+    return None

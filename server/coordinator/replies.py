@@ -17,8 +17,9 @@ from typing import TYPE_CHECKING
 
 from flwr.app import Message
 
+from fedswarm.common.codecs import AdapterCodec, codec_for
 from fedswarm.common.config import FederationConfig
-from fedswarm.common.contract import CONTROL_KEY, Reply
+from fedswarm.common.contract import CONTROL_KEY, Reply, flag
 
 if TYPE_CHECKING:
     import torch
@@ -33,17 +34,23 @@ class Screened:
 
 
 def screen_replies(
-    replies: list[Message], cfg: FederationConfig, sent: dict[int, dict[str, torch.Tensor]], round_no: int
+    replies: list[Message],
+    cfg: FederationConfig,
+    sent: dict[int, dict[str, torch.Tensor]],
+    round_no: int,
+    codec: AdapterCodec | None = None,
 ) -> Screened:
     """Split ``replies`` into accepted ones and reasons for the rejected ones (logged at WARNING).
 
-    ``sent`` maps each node to the adapter it was sent (its rank under svd; B only under ffa).
-    Accepted replies come back ordered by node id, so aggregation sums in a fixed order.
+    ``sent`` maps each node to the adapter it was sent (what the codec sends it). Accepted
+    replies come back ordered by node id, so aggregation sums in a fixed order; their
+    adapters stay decoded in ``codec`` for the aggregation.
     """
+    codec = codec or codec_for(cfg)
     out = Screened()
     for reply in sorted(replies, key=lambda r: int(r.metadata.src_node_id)):
         node = int(reply.metadata.src_node_id)
-        problem = reply_problem(reply, cfg, sent.get(node))
+        problem = reply_problem(reply, cfg, codec, sent.get(node))
         if problem is None:
             out.accepted.append(reply)
         else:
@@ -52,7 +59,9 @@ def screen_replies(
     return out
 
 
-def reply_problem(reply: Message, cfg: FederationConfig, sent: dict[str, torch.Tensor] | None) -> str | None:
+def reply_problem(
+    reply: Message, cfg: FederationConfig, codec: AdapterCodec, sent: dict[str, torch.Tensor] | None
+) -> str | None:
     """Why this reply must not be aggregated, or None when it may be."""
     if "metrics" not in reply.content.metric_records:
         return "no metrics record"
@@ -60,17 +69,21 @@ def reply_problem(reply: Message, cfg: FederationConfig, sent: dict[str, torch.T
     weight = metrics.get(Reply.NUM_EXAMPLES)
     if isinstance(weight, bool) or not isinstance(weight, int | float) or not math.isfinite(weight) or weight <= 0:
         return f"num-examples must be a positive number, got {weight!r}"
-    if int(metrics.get(Reply.DECLINED, 0)):
+    try:
+        declined = flag(metrics, Reply.DECLINED)
+    except TypeError as exc:
+        return str(exc)
+    if declined:
         return None
     if "arrays" not in reply.content.array_records:
         return "no adapter (arrays record)"
     if sent is None:
         return "no adapter was sent to this node this round"
     try:
-        state = reply.content.array_records["arrays"].to_torch_state_dict()
+        state = codec.decode(reply)
     except Exception as exc:  # noqa: BLE001 - a payload that does not decode is malformed, whatever the cause
         return f"adapter does not decode: {exc}"
-    expected = _expected_shapes(sent, cfg, metrics.get(Reply.LORA_RANK))
+    expected = codec.expected_shapes(sent, metrics.get(Reply.LORA_RANK))
     problem = tensor_problem(state, expected, sent, cfg.max_update_norm)
     if problem is None and cfg.scaffold:
         problem = control_problem(reply, expected)
@@ -128,19 +141,3 @@ def update_norm(state: dict[str, torch.Tensor], sent: dict[str, torch.Tensor]) -
         delta = tensor.double() - before.double() if before is not None and before.shape == tensor.shape else tensor
         total += float(delta.double().pow(2).sum())
     return math.sqrt(total)
-
-
-def _expected_shapes(sent: dict[str, torch.Tensor], cfg: FederationConfig, rank: object) -> dict[str, tuple[int, ...]]:
-    """The node returns the tensors it was sent; under svd at its own (reported) rank."""
-    shapes = {k: tuple(v.shape) for k, v in sent.items()}
-    if cfg.aggregation != "svd" or isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-        return shapes
-    resized = {}
-    for key, shape in shapes.items():
-        if "lora_A" in key:
-            resized[key] = (rank, *shape[1:])
-        elif "lora_B" in key:
-            resized[key] = (*shape[:-1], rank)
-        else:
-            resized[key] = shape
-    return resized

@@ -99,3 +99,30 @@ def wait_for_nodes(grid: Grid, wanted: int, needed: int, patience: float) -> lis
                 f"only {len(node_ids)} client nodes connected within {patience:.0f} s; the run needs {needed}"
             )
         time.sleep(1.0)
+
+
+SIMULATION_PATIENCE_S = 15.0  # longest wait for a simulation's SuperNodes to register
+SIMULATION_SETTLE_S = 2.0  # a simulation registers its SuperNodes at once: a count this old is final
+
+
+def simulation_node_count(
+    grid: Grid, wanted: int, patience: float = SIMULATION_PATIENCE_S, settle: float = SIMULATION_SETTLE_S
+) -> int:
+    """How many SuperNodes a simulation has: it registers all of them at its start, and none later.
+
+    Returns once ``wanted`` are registered, else once the count (above 0) has not changed for
+    ``settle`` seconds, or after ``patience`` seconds.
+    """
+    deadline = time.monotonic() + patience
+    count, since = -1, time.monotonic()
+    while True:
+        now, seen = time.monotonic(), len(list(grid.get_node_ids()))
+        if seen >= wanted:
+            return seen
+        if seen != count:
+            count, since = seen, now
+        elif count > 0 and now - since >= settle:
+            return count
+        if now >= deadline:
+            return count
+        time.sleep(POLL_SECONDS)

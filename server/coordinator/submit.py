@@ -15,15 +15,32 @@ import json
 import re
 import subprocess
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from fedswarm.common.config import FederationConfig, add_arguments, given_options, run_key
+from fedswarm.common.config import FederationConfig, run_key
 from fedswarm.common.errors import FedswarmError
+from fedswarm.common.options import add_arguments, flag, given_options, option, required, root_cert_option
+
+if TYPE_CHECKING:
+    from fedswarm.common.processes import Supervisor
 
 SERVER_APP = "fedswarm.server.coordinator.app:app"
 CLIENT_APP = "fedswarm.client.trainer.app:app"
 STARTED = re.compile(r"Successfully started run (\d+)")
+FLWR_TIMEOUT_S = 120.0  # `flwr ls` and `flwr stop`
+
+
+@dataclass(frozen=True, kw_only=True)
+class SubmitTarget:
+    """``fedswarm run``: where the run goes; its settings are ``FederationConfig``'s options."""
+
+    federation: str = required("name of the SuperLink connection in $FLWR_HOME")
+    coordinator: str | None = option(None, "HOST:PORT: (re)write the connection --federation with this address")
+    root_cert: str | None = root_cert_option("the coordinator's ca.crt (from `fedswarm certs`), with --coordinator")
+    insecure: bool = flag("with --coordinator: no TLS")
+    flwr_home: str | None = option(None, "Flower's config folder (default: $FLWR_HOME, else ~/.flwr)")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -32,18 +49,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="submit a federated run to a coordinator (flwr run) and stream its progress",
         description="Settings not given keep the App's defaults (or, with --resume, the resumed run's).",
     )
-    parser.add_argument("--federation", required=True, help="name of the SuperLink connection in $FLWR_HOME")
-    parser.add_argument("--coordinator", help="HOST:PORT: (re)write the connection --federation with this address")
-    parser.add_argument("--root-cert", help="the coordinator's ca.crt, with --coordinator")
-    parser.add_argument("--insecure", action="store_true", help="with --coordinator: no TLS")
-    parser.add_argument("--flwr-home", help="Flower's config folder (default: $FLWR_HOME, else ~/.flwr)")
+    add_arguments(parser, SubmitTarget)
     add_arguments(parser, FederationConfig)
     parser.set_defaults(handler=run_submit)
 
 
 def run_overrides(args: argparse.Namespace) -> dict[str, Any]:
     """The run-config keys the user set, checked as a whole unless resuming (the run's own settings fill in)."""
-    given = {name: getattr(args, name) for name in sorted(given_options(args))}  # only these go into --run-config
+    typed = given_options(args, FederationConfig)  # only these go into --run-config
+    given = {name: getattr(args, name) for name in sorted(typed)}
     if not given.get("resume"):
         FederationConfig(**given)  # ValueError naming the option, before anything is submitted
     elif "resume_given" not in given:  # the coordinator then applies exactly these, defaults included
@@ -90,7 +104,7 @@ def run_submit(args: argparse.Namespace) -> int:
     import tomli_w
 
     from fedswarm.common.flower_config import flwr_home, has_connection, write_connection
-    from fedswarm.common.processes import Processes, flower_env, stop_on_sigterm
+    from fedswarm.common.processes import Supervisor, flower_env, stop_on_sigterm
 
     home = flwr_home(args.flwr_home)
     if args.coordinator:
@@ -112,19 +126,19 @@ def run_submit(args: argparse.Namespace) -> int:
         print(f"# run config: {json.dumps(overrides)}", flush=True)
         cmd = flwr_run_command(app, args.federation, run_config)
         seen: dict[str, str] = {}
-        with Processes() as procs:
+        with Supervisor() as procs:
             proc = procs.start("flwr run", cmd, env, output=subprocess.PIPE)
             try:
                 _follow(proc, seen)
             except KeyboardInterrupt:
                 if "run_id" in seen:  # the run goes on at the coordinator unless it is stopped
-                    _flwr(["stop", seen["run_id"], args.federation], env, show_it=True)
+                    _flwr(procs, ["stop", seen["run_id"], args.federation], env, show_it=True)
                 raise
-    if proc.returncode:
-        raise FedswarmError(f"flwr run exited with code {proc.returncode}")
-    if "run_id" not in seen:
-        raise FedswarmError("flwr run did not report a run id")
-    return _final_status(seen["run_id"], args.federation, env)
+            if proc.returncode:
+                raise FedswarmError(f"flwr run exited with code {proc.returncode}")
+            if "run_id" not in seen:
+                raise FedswarmError("flwr run did not report a run id")
+            return _final_status(procs, seen["run_id"], args.federation, env)
 
 
 def _follow(proc: subprocess.Popen, seen: dict[str, str]) -> None:
@@ -136,8 +150,8 @@ def _follow(proc: subprocess.Popen, seen: dict[str, str]) -> None:
     proc.wait()
 
 
-def _final_status(run_id: str, federation: str, env: dict[str, str]) -> int:
-    out = _flwr(["ls", "--run-id", run_id, federation, "--format", "json"], env)
+def _final_status(procs: Supervisor, run_id: str, federation: str, env: dict[str, str]) -> int:
+    out = _flwr(procs, ["ls", "--run-id", run_id, federation, "--format", "json"], env)
     try:
         runs = json.loads(out[out.index("{") :])["runs"]
         status, details = runs[0]["status"], runs[0].get("status-details", "")
@@ -149,11 +163,15 @@ def _final_status(run_id: str, federation: str, env: dict[str, str]) -> int:
     return 0
 
 
-def _flwr(arguments: list[str], env: dict[str, str], show_it: bool = False) -> str:
+def _flwr(procs: Supervisor, arguments: list[str], env: dict[str, str], show_it: bool = False) -> str:
+    """``flwr ARGUMENTS`` under the supervisor: its output, or a clear error if it outlives two minutes."""
     from fedswarm.common.processes import flower_tool, show
 
     cmd = [flower_tool("flwr"), *arguments]
     if show_it:
         show(cmd)
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    try:
+        done = procs.run(f"flwr {arguments[0]}", cmd, env, timeout=FLWR_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        raise FedswarmError(f"`flwr {arguments[0]}` did not finish within {FLWR_TIMEOUT_S:g} s") from None
     return done.stdout + done.stderr

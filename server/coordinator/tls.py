@@ -11,8 +11,13 @@ import datetime
 import ipaddress
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fedswarm.common.errors import InputError
+
+if TYPE_CHECKING:
+    from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import Encoding
 
 CA_CERT = "ca.crt"
 CA_KEY = "ca.key"
@@ -87,7 +92,7 @@ def make_certificates(out: str | Path, hosts: list[str], days: int = 365) -> Cer
     return CertPaths.in_dir(root)
 
 
-def _san(host: str) -> object:
+def _san(host: str) -> x509.GeneralName:
     from cryptography import x509
 
     try:
@@ -96,7 +101,7 @@ def _san(host: str) -> object:
         return x509.DNSName(host)
 
 
-def _pem() -> object:
+def _pem() -> Encoding:
     from cryptography.hazmat.primitives import serialization
 
     return serialization.Encoding.PEM

@@ -3,27 +3,51 @@
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
 
-from fedswarm.common.swarm_cli import add_security, security_of
+from fedswarm.common.options import (
+    add_arguments,
+    from_args,
+    host_option,
+    model_option,
+    option,
+    registry_option,
+    required,
+)
+from fedswarm.common.swarm_cli import SwarmServerSecurity, security_of
+from fedswarm.server.swarm.options import ServeOptions
+
+
+@dataclass(frozen=True, kw_only=True)
+class RegistryCommand(SwarmServerSecurity):
+    """``fedswarm swarm registry``."""
+
+    host: str = host_option()
+    port: int = option(0, "port (0 picks a free one and prints it)")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServeTarget:
+    """What a block server serves and whom it announces it to."""
+
+    registry: list[str] = registry_option()
+    model: str = model_option()
+    blocks: str = required("START:END, END exclusive (e.g. 0:15)")
+    adapter: str | None = option(None, "PEFT LoRA folder to merge into the blocks (e.g. a run's adapter/)")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServeCommand(SwarmServerSecurity, ServeOptions, ServeTarget):
+    """``fedswarm swarm serve``: what to serve, how (``ServeOptions``), and its security."""
 
 
 def add_commands(commands: argparse._SubParsersAction) -> None:
-    from fedswarm.common.config import add_arguments
-    from fedswarm.server.swarm.options import ServeOptions
-
     registry = commands.add_parser("registry", help="run a registry of live block servers")
-    registry.add_argument("--host", default="127.0.0.1", help="interface to listen on")
-    registry.add_argument("--port", type=int, default=0, help="port (0 picks a free one and prints it)")
-    add_security(registry, server=True)
+    add_arguments(registry, RegistryCommand)
     registry.set_defaults(handler=run_registry)
 
     serve = commands.add_parser("serve", help="serve a span of decoder blocks")
-    serve.add_argument("--registry", action="append", required=True, help="HOST:PORT; repeat for several registries")
-    serve.add_argument("--model", default="smollm2-135m", help="smollm2-135m, tiny, or a local HF folder")
-    serve.add_argument("--blocks", required=True, help="START:END, END exclusive (e.g. 0:15)")
-    serve.add_argument("--adapter", help="PEFT LoRA folder to merge into the blocks (e.g. a run's adapter/)")
-    add_arguments(serve, ServeOptions)
-    add_security(serve, server=True)
+    add_arguments(serve, ServeCommand)
     serve.set_defaults(handler=run_serve)
 
 
@@ -36,9 +60,8 @@ def run_registry(args: argparse.Namespace) -> int:
 def run_serve(args: argparse.Namespace) -> int:
     from fedswarm.common.adapter_files import check_adapter_folder
     from fedswarm.common.addresses import registries_arg
-    from fedswarm.common.config import from_args
     from fedswarm.common.model import parse_model
-    from fedswarm.server.swarm.options import ServeConfig, ServeOptions
+    from fedswarm.server.swarm.options import ServeConfig
     from fedswarm.server.swarm.server import parse_blocks, run_server
 
     start, end = parse_blocks(args.blocks)

@@ -1,9 +1,10 @@
-"""LoRA aggregation in product space: residuals and the SVD re-factorisation.
+"""LoRA aggregation arithmetic: weighted means, residuals in product space, the SVD re-factorisation.
 
 A LoRA layer contributes ``s * B @ A`` (``s = alpha / r``) to its weight. Averaging A
 and B separately (fedavg) does not average those products; freezing A (ffa) or
 aggregating the products and re-factorising them (svd) does. All functions here are
-pure: dicts of tensors in, tensors out.
+pure: dicts of tensors in, tensors out. The codecs (``fedavg.py``, ``ffa.py``, ``svd.py``)
+decide which of them a mode uses.
 """
 
 from __future__ import annotations
@@ -45,6 +46,16 @@ def apply_server_lr(prior: State, aggregated: State, lr: float) -> dict[str, tor
     if lr == 1.0:
         return dict(aggregated)
     return {k: prior[k] + lr * (v - prior[k]) if k in prior else v for k, v in aggregated.items()}
+
+
+def weighted_mean(states: Sequence[State], weights: Sequence[float]) -> dict[str, torch.Tensor]:
+    """``sum_k w_k x_k / sum_k w_k`` per tensor, summed in float64 in the given order, in each tensor's dtype."""
+    total = float(sum(weights))
+    out: dict[str, torch.Tensor] = {}
+    for key, first in states[0].items():
+        acc = sum((w / total) * s[key].double() for s, w in zip(states, weights, strict=True))
+        out[key] = acc.to(first.dtype)  # type: ignore[union-attr]
+    return out
 
 
 def layers(state: State) -> list[str]:
