@@ -5,10 +5,13 @@ nodes train side by side), and the same for the training phase alone (send, trai
 collect; without the coordinator's held-out evaluation and checkpoint). Deployment: a
 SuperLink with TLS and node authentication and N SuperNodes on 127.0.0.1, all through the
 ``fedswarm`` commands. Simulation: ``fedswarm simulate`` (Ray) with the same settings.
-Also measured apart, to say where the time goes: starting a Python process that imports
-the ClientApp's stack, and loading the model (a deployed node does both for every message).
+The deployment runs twice: with warm nodes (``fedswarm node``'s default: one worker per node
+runs every message and keeps the model loaded) and with ``--cold`` (Flower's executor: a
+fresh ``flwr-clientapp`` process per message). Also measured apart, to say where the cold
+time goes: starting a Python process that imports the ClientApp's stack, and loading the
+model (a cold node does both for every message).
 
-    .venv/bin/python bench/deploy_overhead.py [--clients 3] [--rounds 2] [--model tiny]
+    .venv/bin/python bench/deploy_overhead.py [--clients 3] [--rounds 3] [--model tiny]
 """
 
 from __future__ import annotations
@@ -17,7 +20,6 @@ import argparse
 import json
 import os
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -69,19 +71,9 @@ def settings(args: argparse.Namespace) -> list[str]:
     ]  # fmt: skip
 
 
-def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-
-
-def deployed(root: Path, args: argparse.Namespace) -> list[dict]:
+def deployed(root: Path, args: argparse.Namespace, cold: bool) -> list[dict]:
     from fedswarm.common.cli import main
-    from fedswarm.common.processes import free_port
+    from fedswarm.common.processes import Supervisor, free_port
 
     main(["certs", "--out", str(root / "certs"), "--host", "127.0.0.1"])
     (root / "auth").mkdir()
@@ -91,12 +83,11 @@ def deployed(root: Path, args: argparse.Namespace) -> list[dict]:
         write(root / f"node{i}.jsonl", records(100 * i, 24))
     held = write(root / "held.jsonl", records(1000, 24))
     port = free_port()
-    procs: list[subprocess.Popen] = []
+    sup = Supervisor(grace=30.0)
 
     def start(name: str, *cmd: str) -> subprocess.Popen:
-        log = (root / f"{name}.log").open("w")
-        procs.append(subprocess.Popen([*FEDSWARM, *cmd], stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
-        return procs[-1]
+        with (root / f"{name}.log").open("w") as log:
+            return sup.start(name, [*FEDSWARM, *cmd], output=log, quiet=True)
 
     try:
         start("coordinator", "coordinator", "--host", "127.0.0.1", "--port", str(port), "--certs",
@@ -105,6 +96,7 @@ def deployed(root: Path, args: argparse.Namespace) -> list[dict]:
             time.sleep(0.5)
         for i in range(args.clients):
             node = ["--data", str(root / f"node{i}.jsonl"), "--auth-key", str(root / "keys" / f"n{i}")]
+            node += ["--cold"] if cold else []
             start(f"node{i}", "node", "--coordinator", f"127.0.0.1:{port}", "--root-cert",
                   str(root / "certs" / "ca.crt"), *node)  # fmt: skip
         run = subprocess.run(
@@ -116,8 +108,7 @@ def deployed(root: Path, args: argparse.Namespace) -> list[dict]:
         if run.returncode:
             raise SystemExit(f"deployment run failed:\n{run.stdout[-2000:]}\n{run.stderr[-2000:]}")
     finally:
-        for proc in reversed(procs):
-            stop(proc)
+        sup.stop_all()
     return overheads(root / "runs" / "deployed" / "metrics.jsonl")
 
 
@@ -160,7 +151,7 @@ def table(name: str, rows: list[dict]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clients", type=int, default=3)
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--local-steps", type=int, default=4)
     parser.add_argument("--model", default="tiny")
     args = parser.parse_args()
@@ -168,26 +159,34 @@ def main() -> None:
     print(f"load average before: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     with tempfile.TemporaryDirectory(prefix="deploy-bench-") as tmp:
         root = Path(tmp)
-        (root / "dep").mkdir()
-        (root / "sim").mkdir()
-        dep = deployed(root / "dep", args)
+        for name in ("warm", "cold", "sim"):
+            (root / name).mkdir()
+        warm = deployed(root / "warm", args, cold=False)
+        cold = deployed(root / "cold", args, cold=True)
         sim = simulated(root / "sim", args)
     cost = where_time_goes(args.model)
-    table("deployment (TLS + node auth, SuperNodes on 127.0.0.1)", dep)
+    table("deployment, warm nodes (TLS + node auth, SuperNodes on 127.0.0.1)", warm)
+    table("deployment, --cold nodes (a flwr-clientapp process per message)", cold)
     table("simulation (Ray)", sim)
-    d = statistics.mean(r["overhead"] for r in dep)
     s = statistics.mean(r["overhead"] for r in sim)
-    print(f"\nmean per-round overhead: deployment {d:.1f} s, simulation {s:.1f} s, ratio {d / max(s, 1e-9):.1f}x")
-    dt = statistics.mean(r["train_overhead"] for r in dep)
     st = statistics.mean(r["train_overhead"] for r in sim)
-    print(f"training phase only:     deployment {dt:.1f} s, simulation {st:.1f} s")
+    print(f"\nmean per-round overhead ({args.model}, {args.clients} nodes, {args.rounds} rounds):")
+    print(f"  simulation {s:.1f} s (training phase {st:.1f} s)")
+    for name, rows in (("warm", warm), ("cold", cold)):
+        d = statistics.mean(r["overhead"] for r in rows)
+        dt = statistics.mean(r["train_overhead"] for r in rows)
+        share = d / statistics.mean(r["wall"] for r in rows)
+        print(
+            f"  {name:<10} {d:.1f} s (training phase {dt:.1f} s): {d / max(s, 1e-9):.2f}x the simulation's, "
+            f"{100 * share:.0f}% of its rounds' wall time"
+        )
     print(
         f"a fresh ClientApp process before it can train: {cost['total']:.1f} s = interpreter "
         f"{cost['interpreter']:.1f} + imports (torch, transformers, peft, flwr) {cost['imports']:.1f} + "
         f"{args.model} model with LoRA {cost['model']:.2f}"
     )
-    print("(deployment: Flower starts one flwr-clientapp process per message, so each round pays both, per node;")
-    print(" simulation: Ray actors live through the run and keep the model loaded)")
+    print("(cold: Flower starts one flwr-clientapp process per message, so each round pays both, per node;")
+    print(" warm nodes and the simulation's Ray actors live through the run and keep the model loaded)")
     print(f"load average after: {os.getloadavg()[0]:.1f}")
 
 

@@ -43,7 +43,8 @@ def main() -> None:
     shard = simulated_shard({"partition-id": args.node, "num-partitions": 4}, cfg, cfg.data)
     records, split = run_records(cfg.data, cfg.max_samples, cfg.eval_size, cfg.seed)
     holdout = [records[i] for i in split.holdout]
-    model, tokenizer = lora_model(cfg.model, cfg.lora_rank, cfg.lora_alpha, cfg.seed)
+    loaded = lora_model(cfg.model, cfg.lora_rank, cfg.lora_alpha, cfg.seed)
+    model, tokenizer = loaded.model, loaded.tokenizer
     for name, p in model.named_parameters():
         if "lora_" in name:
             p.requires_grad_("lora_B" in name)

@@ -6,97 +6,24 @@ an unregistered node is refused; two rounds complete; a coordinator stopped afte
 resumes round 2 from its checkpoint (compared with the uninterrupted run); a node killed
 during a round leaves a round that completes with the other one.
 
-Two nodes, not more: each Flower message starts a ClientApp process that imports torch,
-transformers and peft, and on a 2-core CI machine every extra one in parallel slows each round.
+The nodes are warm (``fedswarm node``'s default): a worker beside each SuperNode runs every
+message in one process that keeps the model loaded; no ``flwr-clientapp`` process is ever
+started (checked while the rounds run). Two nodes, not more, on a 2-core CI machine.
 """
 
 from __future__ import annotations
 
-import json
-import os
 import shutil
 import ssl
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 
-from fedswarm.common.processes import Supervisor
 from tests.conftest import assert_no_leftovers, write_jsonl
+from tests.deploy_support import NODES, Deployment
+from tests.deploy_support import records as _records
 
 pytestmark = pytest.mark.integration
-
-FEDSWARM = [sys.executable, "-m", "fedswarm.common.cli"]
-NODES = 2
-
-
-def _records(start: int, count: int) -> list[dict]:
-    return [
-        {
-            "input": [{"role": "system", "content": "Answer yes or no."}, {"role": "user", "content": f"Is {i} odd?"}],
-            "ideal": "yes" if i % 2 else "no",
-        }
-        for i in range(start, start + count)
-    ]
-
-
-class Deployment:
-    def __init__(self, root: Path, port: int) -> None:
-        self.root, self.port = root, port
-        self.env = {**os.environ, "FLWR_HOME": str(root / "flwr-unused"), "PYTHONUNBUFFERED": "1"}
-        # SIGTERM a fedswarm command (it stops the Flower processes it started); SIGKILL whatever is left after 20 s
-        self.sup = Supervisor(grace=20.0)
-        self.coordinator: subprocess.Popen | None = None
-        self.nodes: dict[int, subprocess.Popen] = {}
-        self.runs = root / "runs"
-
-    def start(self, name: str, *args: str) -> subprocess.Popen:
-        with (self.root / f"{name}.log").open("a") as log:
-            return self.sup.start(name, [*FEDSWARM, *args], self.env, output=log, quiet=True)
-
-    def log(self, name: str) -> str:
-        path = self.root / f"{name}.log"
-        return path.read_text(errors="replace") if path.exists() else ""
-
-    def start_coordinator(self) -> None:
-        self.coordinator = self.start(
-            "coordinator", "coordinator", "--host", "127.0.0.1", "--port", str(self.port),
-            "--certs", str(self.root / "certs"), "--auth-keys", str(self.root / "auth"), "--run-dir", str(self.runs),
-        )  # fmt: skip
-
-    def wait_for_log(self, name: str, text: str, count: int = 1, timeout: float = 120.0) -> None:
-        deadline = time.monotonic() + timeout
-        while self.log(name).count(text) < count:
-            if time.monotonic() > deadline:
-                raise AssertionError(f"{name}: no {count} x {text!r} within {timeout} s:\n{self.log(name)[-3000:]}")
-            time.sleep(0.5)
-
-    def node_args(self, key: str, data: Path) -> list[str]:
-        return [
-            "node", "--coordinator", f"127.0.0.1:{self.port}", "--data", str(data),
-            "--root-cert", str(self.root / "certs" / "ca.crt"), "--auth-key", str(self.root / "keys" / key),
-        ]  # fmt: skip
-
-    def start_node(self, i: int) -> None:
-        self.nodes[i] = self.start(f"node{i}", *self.node_args(f"n{i}", self.root / f"node{i}.jsonl"))
-
-    def run_args(self, out: str, *extra: str) -> list[str]:
-        return [
-            "run", "--federation", "local", "--coordinator", f"127.0.0.1:{self.port}",
-            "--root-cert", str(self.root / "certs" / "ca.crt"), "--flwr-home", str(self.root / "flwr"),
-            "--model", "tiny", "--data", str(self.root / "held.jsonl"), "--clients", str(NODES), "--rounds", "2",
-            "--local-steps", "2", "--batch-size", "4", "--eval-size", "12", "--round-timeout", "240",
-            "--out", out, *extra,
-        ]  # fmt: skip
-
-    def run(self, *args: str, timeout: float = 400.0) -> subprocess.CompletedProcess:
-        return self.sup.run(args[0], [*FEDSWARM, *args], self.env, timeout=timeout)
-
-    def metrics(self, out: str) -> list[dict]:
-        path = self.runs / out / "metrics.jsonl"
-        return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
 
 
 @pytest.fixture(scope="module")
@@ -138,8 +65,36 @@ def test_unregistered_node_is_refused(deployment):
 DP = ("--dp", "--noise-multiplier", "1.0", "--dp-seed", "1")  # seeded noise: a resumed run can equal this one
 
 
+class ProcessWatch:
+    """Samples the nodes' process trees while a run goes on: every command line seen."""
+
+    def __init__(self, deployment: Deployment) -> None:
+        import threading
+
+        self.deployment, self.seen, self.stop = deployment, set(), threading.Event()
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        while not self.stop.is_set():
+            for node in self.deployment.nodes.values():
+                self.seen.update(_cmdline(p) for p in self.deployment.sup.tree(node))
+            self.stop.wait(0.1)
+
+    def __enter__(self) -> ProcessWatch:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join()
+
+
 def test_two_rounds_over_tls_with_node_auth(deployment):
-    done = deployment.run(*deployment.run_args("full", *DP))
+    with ProcessWatch(deployment) as watch:
+        done = deployment.run(*deployment.run_args("full", *DP))
+    assert any("fedswarm.client.trainer.warm" in c for c in watch.seen), watch.seen  # the warm worker ran them
+    assert not [c for c in watch.seen if "flwr-clientapp" in c]  # no per-message process, in any round
+    assert sum(deployment.log(f"node{i}").count("done in") for i in range(NODES)) >= 2 * NODES
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "$ flwr run" in done.stdout and "completed" in done.stdout
     rows = deployment.metrics("full")
@@ -205,11 +160,12 @@ def test_node_killed_during_a_round_leaves_the_round_to_the_others(deployment):
         "run-dropout", *deployment.run_args("dropout", "--rounds", "1", "--min-clients", "1", "--round-timeout", "150")
     )
     victim = deployment.nodes[1]
+    started = deployment.log("node1").count("train message of run")
     deadline = time.monotonic() + 200
-    while not any("flwr-clientapp" in _cmdline(p) for p in deployment.sup.tree(victim)[1:]):
+    while deployment.log("node1").count("train message of run") == started:
         assert time.monotonic() < deadline and runner.poll() is None, deployment.log("run-dropout")[-3000:]
         time.sleep(0.2)
-    deployment.sup.kill(victim)  # training has started on node 1: SIGKILL it, SuperNode and all
+    deployment.sup.kill(victim)  # training has started on node 1: SIGKILL it, SuperNode, worker and all
     assert runner.wait(timeout=300) == 0, deployment.log("run-dropout")[-3000:]
     rows = deployment.metrics("dropout")
     assert [r["round"] for r in rows] == [0, 1]

@@ -56,8 +56,9 @@ def _prepare(msg: Message, context: Context) -> Prepared:
     if shard.partition_id < 0:  # a deployed node: its own batch-order and DP-noise seed stream
         shard = replace(shard, partition_id=int(context.node_id) % 1_000_003)
     rank = node_rank(cfg, context.node_config, shard.partition_id)
-    model, tokenizer = lora_model(cfg.model, rank, cfg.lora_alpha, cfg.seed, device, cfg.quantize_base)
-    prepare_adapter(model, codec_for(cfg), arrays_of(msg.content), rank)
+    loaded = lora_model(cfg.model, rank, cfg.lora_alpha, cfg.seed, device, cfg.quantize_base)
+    model, tokenizer = loaded.model, loaded.tokenizer
+    prepare_adapter(model, codec_for(cfg), arrays_of(msg.content), rank, loaded.initial)
     return Prepared(cfg, int(str(config.get(Sent.SERVER_ROUND, 0))), device, shard, rank, model, tokenizer)
 
 
@@ -84,8 +85,9 @@ def _drift_correction(msg: Message, context: Context, job: Prepared) -> DriftCor
 def train(msg: Message, context: Context) -> Message:
     """One round of local training; replies with the adapter and train metrics."""
     from fedswarm.client.trainer.node_info import node_info
-    from fedswarm.common.memory import peak_rss_mb
+    from fedswarm.common.memory import peak_rss_mb, reset_peak_rss
 
+    reset_peak_rss()  # the reply's peak-rss-mb is this message's (model loading included where it happens)
     job = _prepare(msg, context)
     drift = _drift_correction(msg, context, job) if job.cfg.scaffold else None
     out = train_round(

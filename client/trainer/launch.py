@@ -11,14 +11,22 @@ from __future__ import annotations
 import argparse
 import json
 import subprocess
+import sys
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fedswarm.common.errors import FedswarmError
 from fedswarm.common.options import add_arguments, option, required, root_cert_option
 from fedswarm.common.options import flag as flag_option
 
+if TYPE_CHECKING:
+    from fedswarm.common.processes import Supervisor
+
+LOOPBACK = "127.0.0.1"  # the SuperNode's runtime API is unauthenticated: it never leaves this machine
+WORKER_START_TIMEOUT = 60.0  # seconds for the SuperNode to open its runtime API
 REFUSED = "Exit Code: 305"  # Flower: the SuperNode could not activate (e.g. its key is not registered)
 
 
@@ -41,6 +49,10 @@ class NodeCommand:
     lora_rank: int = option(0, "LoRA rank on this node (svd aggregation; 0: the run's)")
     port: int = option(0, "local port of the SuperNode's runtime API (0: a free one)")
     insecure: bool = flag_option("no TLS (only against an --insecure coordinator)")
+    cold: bool = flag_option(
+        "a fresh flwr-clientapp process per message (Flower's own executor; slower: for comparison) instead of "
+        "the warm worker that keeps the model loaded across rounds"
+    )
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -102,7 +114,10 @@ def supernode_command(args: argparse.Namespace, port: int) -> list[str]:
 def run_node(args: argparse.Namespace) -> int:
     from fedswarm.common.processes import Supervisor, flower_env, free_port, stop_on_sigterm
 
-    cmd = supernode_command(args, args.port or free_port())
+    port = args.port or free_port()
+    cmd = supernode_command(args, port)
+    if not args.cold:  # the SuperNode runs no executor; the warm worker takes its tasks on loopback
+        cmd += ["--isolation", "process", "--host", LOOPBACK]
     stop_on_sigterm()
     seen: list[str] = []
     with Supervisor() as procs:
@@ -110,6 +125,8 @@ def run_node(args: argparse.Namespace) -> int:
         # a thread passes Flower's log through: the SuperNode's own children hold the pipe open after it exits
         echo = threading.Thread(target=_echo, args=(proc, seen), daemon=True)
         echo.start()
+        if not args.cold:
+            threading.Thread(target=keep_worker, args=(procs, proc, port), daemon=True).start()
         code = proc.wait()
     echo.join(timeout=5)
     if any(REFUSED in line for line in seen):
@@ -120,6 +137,35 @@ def run_node(args: argparse.Namespace) -> int:
     if code:
         raise FedswarmError(f"flower-supernode exited with code {code}")
     return 0
+
+
+def worker_command(port: int) -> list[str]:
+    return [sys.executable, "-m", "fedswarm.client.trainer.warm", "--runtime-api", f"{LOOPBACK}:{port}"]
+
+
+def keep_worker(procs: Supervisor, supernode: subprocess.Popen, port: int) -> None:
+    """Run the warm worker beside ``supernode`` for as long as it runs; restart it when it dies.
+
+    A worker that dies mid-task leaves that task to expire at the SuperNode (the round counts the
+    node as failed); the next message finds a fresh worker. Restarts back off up to 30 s.
+    """
+    from fedswarm.common.processes import flower_env, wait_for_port
+
+    try:
+        wait_for_port(LOOPBACK, port, supernode, WORKER_START_TIMEOUT, "the SuperNode's runtime API")
+    except FedswarmError:
+        return  # the SuperNode did not come up; run_node reports why
+    backoff, restarts = 1.0, 0
+    while supernode.poll() is None:
+        started = time.monotonic()
+        worker = procs.start(f"worker-{restarts}", worker_command(port), flower_env(), quiet=restarts > 0)
+        code = worker.wait()
+        if supernode.poll() is not None:
+            return
+        restarts += 1
+        backoff = 1.0 if time.monotonic() - started > 60 else min(backoff * 2, 30.0)
+        print(f"fedswarm: the warm worker exited with code {code}; restarting it in {backoff:.0f} s", flush=True)
+        time.sleep(backoff)
 
 
 def _echo(proc: subprocess.Popen, seen: list[str]) -> None:

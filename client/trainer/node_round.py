@@ -35,11 +35,21 @@ def node_rank(cfg: FederationConfig, node_config: Mapping[str, Any], partition_i
     return ranks[max(partition_id, 0) % len(ranks)]
 
 
-def prepare_adapter(model: PeftModel, codec: AdapterCodec, received: dict[str, torch.Tensor], rank: int) -> None:
-    """Load the global adapter as the codec rebuilds it at this node's rank; train what the codec trains."""
+def prepare_adapter(
+    model: PeftModel,
+    codec: AdapterCodec,
+    received: dict[str, torch.Tensor],
+    rank: int,
+    initial: dict[str, torch.Tensor] | None = None,
+) -> None:
+    """Load the global adapter as the codec rebuilds it at this node's rank; train what the codec trains.
+
+    ``initial`` is the node's seeded adapter (its frozen A under ffa, the filler rows of a rank
+    padding): the rebuild starts from it, not from what the model holds after another message.
+    """
     from fedswarm.common.lora import adapter_state, load_adapter_state
 
-    load_adapter_state(model, codec.rebuild(adapter_state(model), received, rank))
+    load_adapter_state(model, codec.rebuild(initial if initial is not None else adapter_state(model), received, rank))
     for name, param in model.named_parameters():
         if "lora_" in name:
             param.requires_grad_(codec.trainable(name))

@@ -13,6 +13,7 @@ from fedswarm.common.errors import FedswarmError
 from fedswarm.common.splits import node_slices, pool_partition
 
 if TYPE_CHECKING:
+    import torch
     from peft import PeftModel
     from transformers import PreTrainedTokenizerBase
 
@@ -24,16 +25,30 @@ class Shard:
     partition_id: int
 
 
+@dataclass(frozen=True)
+class Loaded:
+    """What a node process keeps across messages: the model with its LoRA wrapper, and the adapter it started with."""
+
+    model: PeftModel
+    tokenizer: PreTrainedTokenizerBase
+    initial: dict[str, torch.Tensor]  # the seeded adapter: what every message is rebuilt from, never trained
+
+
 @functools.lru_cache(maxsize=1)
-def lora_model(
-    model: str, rank: int, alpha: float, seed: int, device: str = "cpu", quantize: str = ""
-) -> tuple[PeftModel, PreTrainedTokenizerBase]:
-    """The base model with a LoRA adapter, built once per process and overwritten each round."""
-    from fedswarm.common.lora import attach_lora
+def lora_model(model: str, rank: int, alpha: float, seed: int, device: str = "cpu", quantize: str = "") -> Loaded:
+    """The base model with a LoRA adapter, built once per process; each message overwrites the adapter.
+
+    Nothing of one message's adapter may reach the next (another run, or another virtual
+    client in the same Ray actor or warm worker): the node rebuilds its adapter from what it
+    received and :attr:`Loaded.initial`, never from the weights the last message left.
+    """
+    from fedswarm.common.lora import adapter_state, attach_lora
     from fedswarm.common.model import load_model, load_tokenizer
 
     tokenizer = load_tokenizer(model)
-    return attach_lora(load_model(model, device=device, quantize=quantize), rank, alpha, seed), tokenizer
+    wrapped = attach_lora(load_model(model, device=device, quantize=quantize), rank, alpha, seed)
+    initial = {k: v.detach().clone() for k, v in adapter_state(wrapped).items()}
+    return Loaded(wrapped, tokenizer, initial)
 
 
 @functools.lru_cache(maxsize=2)
