@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
+from typing import Any
 
 TRAIN_STEPS = 30
 # Trained to one fixed reply, the tiny model answers every prompt with it by margins of ~6 logits.
@@ -14,8 +15,11 @@ ANSWER = "Yes, that is sarcasm."
 ANSWER_TOKENS = 6
 
 
-def tiny_run(folder: Path) -> Path:
-    """RUN_DIR with adapter/ (LoRA trained on sarcasm) and summary.json, as a federated run writes them."""
+def tiny_run(folder: Path, privacy: dict[str, Any] | None = None) -> Path:
+    """RUN_DIR with adapter/ (LoRA trained on sarcasm) and summary.json, as a federated run writes them.
+
+    ``privacy``: the summary's privacy record (as a DP run writes it), for tests of what shows it.
+    """
     from fedswarm.client.trainer.local_train import train_lora
     from fedswarm.common.data import load_examples
     from fedswarm.common.lora import adapter_state, attach_lora, save_adapter
@@ -31,7 +35,9 @@ def tiny_run(folder: Path) -> Path:
     train = [dataclasses.replace(records[i], answer=ANSWER) for i in split.train]
     train_lora(model, tokenizer, train, TRAIN_STEPS, 8, 1e-2, 64, 0, precision="fp32")
     save_adapter(model, adapter_state(model), folder / "adapter")
-    summary = {"config": config, "rounds": 1, "final": {"eval_loss": None, "eval_accuracy": None}}
+    summary: dict[str, Any] = {"config": config, "rounds": 1, "final": {"eval_loss": None, "eval_accuracy": None}}
+    if privacy is not None:
+        summary["privacy"] = privacy
     (folder / "summary.json").write_text(json.dumps(summary), encoding="utf-8")
     return folder / "adapter"
 

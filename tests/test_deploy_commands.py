@@ -148,3 +148,27 @@ def test_connection_names_are_plain(tmp_path, name):
 
     with pytest.raises(ValueError, match="--federation"):
         write_connection(tmp_path, name, "h:1", None, insecure=True)
+
+
+def test_certs_never_replace_a_ca_unless_forced(tmp_path):
+    certs = tmp_path / "certs"
+
+    def run_certs(*extra: str) -> subprocess.CompletedProcess:
+        command = [sys.executable, "-m", "fedswarm.common.cli", "certs", "--out", str(certs), *extra]
+        return subprocess.run(command, capture_output=True, text=True, timeout=120)
+
+    first = run_certs("--host", "10.0.0.5")
+    assert first.returncode == 0, first.stderr
+    before = {p.name: p.read_bytes() for p in certs.iterdir()}
+    assert set(before) == {"ca.crt", "ca.key", "server.pem", "server.key"}
+    again = run_certs("--host", "coord.example.org")
+    assert again.returncode == 2 and again.stdout == ""
+    err = again.stderr.strip()
+    assert len(err.splitlines()) == 1 and str(certs / "ca.crt") in err and "--force" in err, err
+    assert {p.name: p.read_bytes() for p in certs.iterdir()} == before  # nothing written
+    forced = run_certs("--host", "coord.example.org", "--force")
+    assert forced.returncode == 0, forced.stderr
+    after = {p.name: p.read_bytes() for p in certs.iterdir()}
+    assert set(after) == set(before) and all(after[name] != before[name] for name in before)  # a new CA and key
+    assert "coord.example.org" in forced.stdout
+    assert all((certs / key).stat().st_mode & 0o077 == 0 for key in ("ca.key", "server.key"))

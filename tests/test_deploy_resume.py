@@ -101,3 +101,50 @@ def test_central_dp_accountant_survives_a_resume():
     restore_strategy(second, saved)
     assert second.accountant.num_releases == 2
     assert second.privacy_spent().epsilon == pytest.approx(first.privacy_spent().epsilon)
+
+
+@pytest.mark.parametrize("orphan", [True, False], ids=["torn-round-checkpointed", "torn-round-without-checkpoint"])
+def test_a_torn_last_metrics_line_is_dropped_and_its_round_redone(tmp_path, tiny_lora, caplog, monkeypatch, orphan):
+    import logging
+
+    cfg, states = _saved_run(tmp_path, tiny_lora, orphan=orphan)
+    metrics = RunDir(cfg.out).metrics_path
+    whole = metrics.read_text()
+    metrics.write_text(whole + '{"round": 3, "eval_lo')  # the coordinator died writing round 3's line
+    monkeypatch.setattr(logging.getLogger("fedswarm"), "propagate", True)  # setup_logging() may have turned it off
+    with caplog.at_level(logging.WARNING, logger="fedswarm"):
+        resumed = load_resume(cfg.out, FederationConfig())
+    assert resumed.round == 2 and [r["round"] for r in resumed.rows] == [0, 1, 2]
+    assert all(torch.equal(resumed.state[k], states[2][k]) for k in states[2])
+    warnings = {r.getMessage() for r in caplog.records if r.levelno == logging.WARNING}  # pytest may see it twice
+    assert len(warnings) == 1 and all("dropped a torn last line" in w and "\n" not in w for w in warnings), warnings
+    assert metrics.read_text() == whole  # rewritten without it, byte for byte
+    assert [p.name for p in metrics.parent.iterdir() if p.name.startswith(".")] == []  # no temporary file left
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="fedswarm"):
+        assert load_resume(cfg.out, FederationConfig()).round == 2  # once dropped, nothing left to drop
+    assert caplog.records == []
+
+
+def test_a_whole_last_metrics_line_without_its_newline_is_kept(tmp_path, tiny_lora):
+    cfg, _ = _saved_run(tmp_path, tiny_lora, orphan=False)
+    metrics = RunDir(cfg.out).metrics_path
+    whole = metrics.read_text()
+    metrics.write_text(whole.rstrip("\n"))  # the newline was the part a crash cut off
+    assert load_resume(cfg.out, FederationConfig()).round == 2
+    assert metrics.read_text() == whole  # a newline again, so the next line appends cleanly
+
+
+def test_a_bad_metrics_line_before_the_last_is_an_error(tmp_path, tiny_lora):
+    cfg, _ = _saved_run(tmp_path, tiny_lora, orphan=False)
+    metrics = RunDir(cfg.out).metrics_path
+    lines = metrics.read_text().splitlines(keepends=True)
+    damaged = "".join([lines[0], '{"round": 1, "eval_lo\n', *lines[2:]])  # a torn line that is not the last
+    metrics.write_text(damaged)
+    with pytest.raises(FedswarmError, match=r"metrics.jsonl: line 2 is not a JSON object") as caught:
+        load_resume(cfg.out, FederationConfig())
+    assert "\n" not in str(caught.value)
+    assert metrics.read_text() == damaged  # left as it was
+    metrics.write_text(lines[0] + '{"round": 1')
+    with pytest.raises(FedswarmError, match="the last line is torn"):  # only --resume drops a torn line
+        RunDir(cfg.out).read_metrics()

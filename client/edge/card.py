@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from fedswarm.client.edge.merge import RunInfo
 from fedswarm.client.edge.parity import Parity
 from fedswarm.client.edge.variants import JS_DTYPES
 
+FACTS_KEY = "fedswarm"  # the front-matter key of card_facts' JSON
+RUN_FACTS = ("data", "rounds", "clients", "local_steps", "aggregation", "lora_rank")  # summary.json config keys
 BASE_NAMES = {
     "smollm2-135m": "SmolLM2-135M-Instruct (HuggingFaceTB, Apache-2.0)",
     "tiny": "tiny (seeded random test model)",
@@ -15,8 +18,14 @@ BASE_NAMES = {
 
 
 def model_card(model_name: str, run: RunInfo, parity: Parity, quantisation: dict[str, str] | None = None) -> str:
-    """The model card as Markdown; every figure comes from the run's summary or parity.json."""
-    lines = [f"# {BASE_NAMES.get(model_name, model_name)}, federated LoRA merged, ONNX for the edge", ""]
+    """The model card as Markdown; every figure comes from the run's summary or parity.json.
+
+    Its front matter (Hugging Face's place for a card's metadata) carries :func:`card_facts`
+    as one JSON line, which is also YAML: the web page's facts panel reads it from there.
+    """
+    facts = json.dumps(card_facts(model_name, run), ensure_ascii=True)
+    lines = ["---", "library_name: transformers.js", f"{FACTS_KEY}: {facts}", "---", ""]
+    lines += [f"# {BASE_NAMES.get(model_name, model_name)}, federated LoRA merged, ONNX for the edge", ""]
     lines += _provenance(model_name, run)
     lines += ["", "## Privacy", "", _privacy(run), ""]
     lines += _parity_table(parity)
@@ -26,6 +35,21 @@ def model_card(model_name: str, run: RunInfo, parity: Parity, quantisation: dict
         lines.append("")
     lines += _usage(parity)
     return "\n".join(lines) + "\n"
+
+
+def card_facts(model_name: str, run: RunInfo) -> dict[str, Any]:
+    """The card's provenance as data: base model, adapter, the run's federation and privacy (None: none known)."""
+    base = BASE_NAMES.get(model_name, model_name)
+    facts: dict[str, Any] = {"base_model": base, "adapter": None, "run": None, "privacy": None}
+    if run.adapter is None:
+        return facts
+    facts["adapter"] = f"{run.adapter.parent.name}/{run.adapter.name}"
+    if run.config:
+        facts["run"] = {k: run.config[k] for k in RUN_FACTS if k in run.config}
+    privacy = run.privacy
+    if privacy and privacy.get("epsilon") is not None:
+        facts["privacy"] = {k: privacy[k] for k in ("epsilon", "delta", "kind") if k in privacy}
+    return facts
 
 
 def _provenance(model_name: str, run: RunInfo) -> list[str]:

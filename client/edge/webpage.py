@@ -1,6 +1,6 @@
 """EDGE_DIR/web/: the static chat page, its settings, and the runtime files it needs, all local.
 
-The page itself lives in this package (``web/index.html``, ``web/app.js``); the runtime
+The page itself lives in this package (``web/index.html``, ``web/app.js`` and its two modules); the runtime
 (transformers.js and onnxruntime-web's wasm build) comes from ``web/node_modules``, installed
 by ``scripts/install_web.sh`` from the pinned ``web/package.json``. Copying it into EDGE_DIR
 makes the folder a complete static site; without the npm install the page is still written
@@ -19,7 +19,7 @@ from fedswarm.client.edge.variants import JS_DTYPES
 log = logging.getLogger(__name__)
 
 WEB_SOURCE = Path(__file__).resolve().parent / "web"
-PAGE_FILES = ("index.html", "app.js")
+PAGE_FILES = ("index.html", "app.js", "choose.js", "facts.js")
 # served name -> path under node_modules
 VENDOR_FILES = {
     "transformers.min.js": "@huggingface/transformers/dist/transformers.min.js",

@@ -39,6 +39,7 @@ class CertsCommand:
     out: str = required("folder for the certificate files")
     host: list[str] = required("names or IPs nodes dial (127.0.0.1 and localhost are always added)", nargs="+")
     days: int = option(365, "validity", unit="days")
+    force: bool = flag("replace the CA and server certificate already in --out (every node then needs the new ca.crt)")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -57,7 +58,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     certs = sub.add_parser(
         "certs",
         help="make a CA and a TLS certificate for the coordinator",
-        description="Writes ca.crt (give it to nodes), ca.key, server.pem and server.key (keep them).",
+        description="Writes ca.crt (give it to nodes), ca.key, server.pem and server.key (keep them); "
+        "files already in --out are replaced only with --force.",
     )
     add_arguments(certs, CertsCommand)
     certs.set_defaults(handler=run_certs)
@@ -75,7 +77,7 @@ def run_certs(args: argparse.Namespace) -> int:
     from fedswarm.server.coordinator.tls import make_certificates
 
     hosts = list(dict.fromkeys([*args.host, "127.0.0.1", "localhost"]))
-    paths = make_certificates(args.out, hosts, args.days)
+    paths = make_certificates(args.out, hosts, args.days, args.force)
     print(f"CA certificate (copy to every node and to where you run `fedswarm run`): {paths.ca_cert}")
     print(f"server certificate for {', '.join(hosts)}: {paths.server_cert} (+ {paths.server_key.name}, keep private)")
     return 0

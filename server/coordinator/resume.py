@@ -3,8 +3,10 @@
 A round is complete when its line is in ``metrics.jsonl``: the coordinator writes the
 checkpoint (``checkpoints/round-NNN/``: PEFT adapter + ``state.json``) before that line,
 so a line always has its checkpoint, and a checkpoint without a line (a crash between
-the two) is redone. The resumed run keeps the saved settings; only the operational ones
-below may change, and a changed setting of any other kind is refused.
+the two) is redone. So is a round whose line a crash cut short: that torn last line is
+dropped from ``metrics.jsonl`` (a warning says so); a bad line before the last is an error.
+The resumed run keeps the saved settings; only the operational ones below may change, and
+a changed setting of any other kind is refused.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ def load_resume(folder: str, requested: FederationConfig) -> Resumed:
     if not (Path(folder) / "metrics.jsonl").is_file():
         raise FedswarmError(f"--resume {folder}: not a run folder (no metrics.jsonl)")
     run = RunDir(folder)
-    rows = run.read_metrics()
+    rows = run.repair_metrics()
     done = [r for r in rows if r.get("round", 0) >= 1]
     if not done:
         raise FedswarmError(f"--resume {folder}: no completed round in metrics.jsonl to resume from")

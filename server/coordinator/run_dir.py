@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from fedswarm.common.errors import FedswarmError
 from fedswarm.common.paths import atomic_dir, atomic_write_text
 
 if TYPE_CHECKING:
     import torch
+
+log = logging.getLogger("fedswarm")
 
 CONTROL_FILE = "control.safetensors"  # SCAFFOLD's c in a checkpoint (not part of the PEFT adapter)
 
@@ -35,9 +39,51 @@ class RunDir:
             handle.flush()
 
     def read_metrics(self) -> list[dict[str, Any]]:
+        """Every row of ``metrics.jsonl``; a line that is not a JSON object is a one-line error naming it."""
+        rows, _, torn = self._parse_metrics(self._metrics_text())
+        if torn is not None:
+            raise FedswarmError(
+                f"{self.metrics_path}: the last line is torn (a write cut short); --resume drops it, or remove it"
+            )
+        return rows
+
+    def repair_metrics(self) -> list[dict[str, Any]]:
+        """The rows of ``metrics.jsonl`` after dropping a torn last line (a crash mid-write), rewritten atomically.
+
+        Only the last line may be torn: the coordinator appends one line per round, so a crash
+        cuts at most the line it was writing. A bad line before it is an error, as in ``read_metrics``.
+        """
+        text = self._metrics_text()
+        rows, complete, torn = self._parse_metrics(text)
+        if torn is not None:
+            log.warning("%s: dropped a torn last line (%d characters: %.40r...)", self.metrics_path, len(torn), torn)
+        if complete != text:
+            atomic_write_text(self.metrics_path, complete)  # also ends a whole last line that lost its newline
+        return rows
+
+    def _metrics_text(self) -> str:
         if not self.metrics_path.exists():
-            return []
-        return [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line.strip()]
+            return ""
+        return self.metrics_path.read_text(encoding="utf-8", errors="replace")
+
+    def _parse_metrics(self, text: str) -> tuple[list[dict[str, Any]], str, str | None]:
+        """Rows, the text of their lines (each ending in a newline), and the last line if it is torn, else None."""
+        lines = text.split("\n")
+        filled = [number for number, line in enumerate(lines, 1) if line.strip()]
+        rows: list[dict[str, Any]] = []
+        kept: list[str] = []
+        for number in filled:
+            line = lines[number - 1]
+            row = _row(line)
+            if row is None and number == filled[-1]:
+                return rows, "".join(kept), line
+            if row is None:
+                raise FedswarmError(
+                    f"{self.metrics_path}: line {number} is not a JSON object; only a torn last line can be dropped"
+                )
+            rows.append(row)
+            kept.append(line + "\n")
+        return rows, "".join(kept), None
 
     def write_json(self, name: str, data: dict[str, Any]) -> None:
         atomic_write_text(self.root / name, json.dumps(_clean(data), indent=2) + "\n")
@@ -112,6 +158,15 @@ def curves_figure(rows: list[dict[str, Any]], constant: float | None = None) -> 
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
     return fig
+
+
+def _row(line: str) -> dict[str, Any] | None:
+    """One metrics line as a row, or None if it is not a whole JSON object."""
+    try:
+        row = json.loads(line)
+    except ValueError:
+        return None
+    return row if isinstance(row, dict) else None
 
 
 def _clean(value: Any) -> Any:

@@ -40,8 +40,12 @@ class CertPaths:
         return [p for p in (self.ca_cert, self.server_cert, self.server_key) if not p.is_file()]
 
 
-def make_certificates(out: str | Path, hosts: list[str], days: int = 365) -> CertPaths:
-    """Write ``ca.crt``/``ca.key`` and ``server.pem``/``server.key`` valid for ``hosts`` (names or IPs)."""
+def make_certificates(out: str | Path, hosts: list[str], days: int = 365, force: bool = False) -> CertPaths:
+    """Write ``ca.crt``/``ca.key`` and ``server.pem``/``server.key`` valid for ``hosts`` (names or IPs).
+
+    Files already in ``out`` are replaced only with ``force``: a new CA locks out every node that
+    still trusts the old ``ca.crt``, so it is never made by accident.
+    """
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes
     from cryptography.hazmat.primitives.asymmetric import ec
@@ -52,6 +56,8 @@ def make_certificates(out: str | Path, hosts: list[str], days: int = 365) -> Cer
     if days < 1:
         raise InputError(f"--days must be >= 1, got {days}")
     root = Path(out)
+    if not force and (taken := next((p for p in _files(root) if p.exists()), None)):
+        raise InputError(f"{taken} already exists; --force replaces the CA and server certificate in --out {out}")
     root.mkdir(parents=True, exist_ok=True)
     now = datetime.datetime.now(datetime.timezone.utc)
     until = now + datetime.timedelta(days=days)
@@ -90,6 +96,10 @@ def make_certificates(out: str | Path, hosts: list[str], days: int = 365) -> Cer
     (root / CA_CERT).write_bytes(ca_cert.public_bytes(_pem()))
     (root / SERVER_CERT).write_bytes(cert.public_bytes(_pem()))
     return CertPaths.in_dir(root)
+
+
+def _files(root: Path) -> list[Path]:
+    return [root / name for name in (CA_CERT, CA_KEY, SERVER_CERT, SERVER_KEY)]
 
 
 def _san(host: str) -> x509.GeneralName:
