@@ -49,9 +49,10 @@ class NodeCommand:
     lora_rank: int = option(0, "LoRA rank on this node (svd aggregation; 0: the run's)")
     port: int = option(0, "local port of the SuperNode's runtime API (0: a free one)")
     insecure: bool = flag_option("no TLS (only against an --insecure coordinator)")
-    cold: bool = flag_option(
-        "a fresh flwr-clientapp process per message (Flower's own executor; slower: for comparison) instead of "
-        "the warm worker that keeps the model loaded across rounds"
+    warm: bool = flag_option(
+        "experimental: a worker beside the SuperNode runs every message in one process that keeps the model "
+        "loaded (default: Flower's executor, a fresh flwr-clientapp process per message); it does not yet "
+        "pick up tasks after the coordinator restarts"
     )
 
 
@@ -116,7 +117,7 @@ def run_node(args: argparse.Namespace) -> int:
 
     port = args.port or free_port()
     cmd = supernode_command(args, port)
-    if not args.cold:  # the SuperNode runs no executor; the warm worker takes its tasks on loopback
+    if args.warm:  # the SuperNode runs no executor; the warm worker takes its tasks on loopback
         cmd += ["--isolation", "process", "--host", LOOPBACK]
     stop_on_sigterm()
     seen: list[str] = []
@@ -125,7 +126,7 @@ def run_node(args: argparse.Namespace) -> int:
         # a thread passes Flower's log through: the SuperNode's own children hold the pipe open after it exits
         echo = threading.Thread(target=_echo, args=(proc, seen), daemon=True)
         echo.start()
-        if not args.cold:
+        if args.warm:
             threading.Thread(target=keep_worker, args=(procs, proc, port), daemon=True).start()
         code = proc.wait()
     echo.join(timeout=5)
