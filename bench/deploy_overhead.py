@@ -96,7 +96,7 @@ def deployed(root: Path, args: argparse.Namespace, cold: bool) -> list[dict]:
             time.sleep(0.5)
         for i in range(args.clients):
             node = ["--data", str(root / f"node{i}.jsonl"), "--auth-key", str(root / "keys" / f"n{i}")]
-            node += [] if cold else ["--warm"]
+            node += ["--cold"] if cold else []
             start(f"node{i}", "node", "--coordinator", f"127.0.0.1:{port}", "--root-cert",
                   str(root / "certs" / "ca.crt"), *node)  # fmt: skip
         run = subprocess.run(

@@ -82,8 +82,8 @@ class Deployment:
             "--root-cert", str(self.root / "certs" / "ca.crt"), "--auth-key", str(self.root / "keys" / key),
         ]  # fmt: skip
 
-    def start_node(self, i: int) -> None:
-        self.nodes[i] = self.start(f"node{i}", *self.node_args(f"n{i}", self.root / f"node{i}.jsonl"))
+    def start_node(self, i: int, *extra: str) -> None:
+        self.nodes[i] = self.start(f"node{i}", *self.node_args(f"n{i}", self.root / f"node{i}.jsonl"), *extra)
 
     def run_args(self, out: str, *extra: str) -> list[str]:
         return [

@@ -6,9 +6,9 @@ an unregistered node is refused; two rounds complete; a coordinator stopped afte
 resumes round 2 from its checkpoint (compared with the uninterrupted run); a node killed
 during a round leaves a round that completes with the other one.
 
-The nodes run Flower's own executor (``fedswarm node``'s default; ``--warm`` is experimental):
-a ``flwr-clientapp`` process per message (checked while the rounds run). Two nodes, not more,
-on a 2-core CI machine.
+The nodes are warm (``fedswarm node``'s default): one worker per node runs every message in
+one process, and no ``flwr-clientapp`` process is ever started (checked while the rounds run).
+Two nodes, not more, on a 2-core CI machine.
 """
 
 from __future__ import annotations
@@ -92,8 +92,8 @@ class ProcessWatch:
 def test_two_rounds_over_tls_with_node_auth(deployment):
     with ProcessWatch(deployment) as watch:
         done = deployment.run(*deployment.run_args("full", *DP))
-    assert not [c for c in watch.seen if "fedswarm.client.trainer.warm" in c]  # default: Flower's executor
-    assert [c for c in watch.seen if "flwr-clientapp" in c]  # a per-message ClientApp process, as Flower runs it
+    assert len([c for c in watch.seen if "fedswarm.client.trainer.warm" in c]) == NODES  # one warm worker per node
+    assert not [c for c in watch.seen if "flwr-clientapp" in c]  # no per-message ClientApp process, any round
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "$ flwr run" in done.stdout and "completed" in done.stdout
     rows = deployment.metrics("full")
@@ -154,13 +154,40 @@ def _cmdline(proc) -> str:
         return ""
 
 
+def test_worker_killed_mid_task_fails_that_reply_and_is_restarted(deployment):
+    import psutil
+
+    runner = deployment.start(
+        "run-worker", *deployment.run_args("worker", "--min-clients", "1", "--round-timeout", "150")
+    )
+    started = deployment.log("node0").count("train message of run")
+    deadline = time.monotonic() + 200
+    while deployment.log("node0").count("train message of run") == started:
+        assert time.monotonic() < deadline and runner.poll() is None, deployment.log("run-worker")[-3000:]
+        time.sleep(0.2)
+    workers = [p for p in deployment.sup.tree(deployment.nodes[0]) if "fedswarm.client.trainer.warm" in _cmdline(p)]
+    assert len(workers) == 1
+    workers[0].send_signal(9)  # the worker dies mid-task; its SuperNode stays up
+    psutil.wait_procs(workers, timeout=10)
+    assert runner.wait(timeout=300) == 0, deployment.log("run-worker")[-3000:]
+    rows = deployment.metrics("worker")
+    assert [r["round"] for r in rows] == [0, 1, 2]
+    # round 1: the restarted worker answers the dead one's task with Flower's crash error, at once
+    assert rows[1]["clients"] == 1 and rows[1]["failures"] == 1, rows[1]
+    assert "stopped responding" in rows[1]["failed_why"][0] and rows[1]["seconds"] < 100, rows[1]
+    assert rows[2]["clients"] == NODES and rows[2]["failures"] == 0, rows[2]  # round 2: a restarted worker trained
+    assert "the warm worker exited with code -9; restarting it" in deployment.log("node0")
+    assert "answered the task of run" in deployment.log("node0")
+
+
 def test_node_killed_during_a_round_leaves_the_round_to_the_others(deployment):
     runner = deployment.start(
         "run-dropout", *deployment.run_args("dropout", "--rounds", "1", "--min-clients", "1", "--round-timeout", "150")
     )
     victim = deployment.nodes[1]
+    started = deployment.log("node1").count("train message of run")
     deadline = time.monotonic() + 200
-    while not any("flwr-clientapp" in _cmdline(p) for p in deployment.sup.tree(victim)[1:]):
+    while deployment.log("node1").count("train message of run") == started:  # the warm worker took the task
         assert time.monotonic() < deadline and runner.poll() is None, deployment.log("run-dropout")[-3000:]
         time.sleep(0.2)
     deployment.sup.kill(victim)  # training has started on node 1: SIGKILL it, SuperNode, worker and all

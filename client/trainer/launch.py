@@ -12,6 +12,7 @@ import argparse
 import json
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -49,10 +50,10 @@ class NodeCommand:
     lora_rank: int = option(0, "LoRA rank on this node (svd aggregation; 0: the run's)")
     port: int = option(0, "local port of the SuperNode's runtime API (0: a free one)")
     insecure: bool = flag_option("no TLS (only against an --insecure coordinator)")
-    warm: bool = flag_option(
-        "experimental: a worker beside the SuperNode runs every message in one process that keeps the model "
-        "loaded (default: Flower's executor, a fresh flwr-clientapp process per message); it does not yet "
-        "pick up tasks after the coordinator restarts"
+    cold: bool = flag_option(
+        "Flower's own executor: a fresh flwr-clientapp process per message, which re-imports torch and reloads "
+        "the model every round (default: a warm worker beside the SuperNode runs every message in one process "
+        "that keeps them loaded)"
     )
 
 
@@ -117,17 +118,20 @@ def run_node(args: argparse.Namespace) -> int:
 
     port = args.port or free_port()
     cmd = supernode_command(args, port)
-    if args.warm:  # the SuperNode runs no executor; the warm worker takes its tasks on loopback
+    if not args.cold:  # the SuperNode runs no executor; the warm worker takes its tasks on loopback
         cmd += ["--isolation", "process", "--host", LOOPBACK]
     stop_on_sigterm()
     seen: list[str] = []
-    with Supervisor() as procs:
+    # private to this node (0700): the warm worker's journal holds its running task's token
+    with tempfile.TemporaryDirectory(prefix="fedswarm-node-") as private, Supervisor() as procs:
         proc = procs.start("supernode", cmd, flower_env(), output=subprocess.PIPE)
         # a thread passes Flower's log through: the SuperNode's own children hold the pipe open after it exits
         echo = threading.Thread(target=_echo, args=(proc, seen), daemon=True)
         echo.start()
-        if args.warm:
-            threading.Thread(target=keep_worker, args=(procs, proc, port), daemon=True).start()
+        if not args.cold:
+            threading.Thread(
+                target=keep_worker, args=(procs, proc, port, Path(private) / "task.json"), daemon=True
+            ).start()
         code = proc.wait()
     echo.join(timeout=5)
     if any(REFUSED in line for line in seen):
@@ -140,15 +144,19 @@ def run_node(args: argparse.Namespace) -> int:
     return 0
 
 
-def worker_command(port: int) -> list[str]:
-    return [sys.executable, "-m", "fedswarm.client.trainer.warm", "--runtime-api", f"{LOOPBACK}:{port}"]
+def worker_command(port: int, journal: Path) -> list[str]:
+    return [
+        sys.executable, "-m", "fedswarm.client.trainer.warm", "--runtime-api", f"{LOOPBACK}:{port}",
+        "--journal", str(journal),
+    ]  # fmt: skip
 
 
-def keep_worker(procs: Supervisor, supernode: subprocess.Popen, port: int) -> None:
+def keep_worker(procs: Supervisor, supernode: subprocess.Popen, port: int, journal: Path) -> None:
     """Run the warm worker beside ``supernode`` for as long as it runs; restart it when it dies.
 
-    A worker that dies mid-task leaves that task to expire at the SuperNode (the round counts the
-    node as failed); the next message finds a fresh worker. Restarts back off up to 30 s.
+    A worker that dies mid-task leaves that task in ``journal``; the restarted worker answers it
+    with an error reply (the round counts the node as failed) before it takes the next one.
+    Restarts back off up to 30 s.
     """
     from fedswarm.common.processes import flower_env, wait_for_port
 
@@ -156,16 +164,16 @@ def keep_worker(procs: Supervisor, supernode: subprocess.Popen, port: int) -> No
         wait_for_port(LOOPBACK, port, supernode, WORKER_START_TIMEOUT, "the SuperNode's runtime API")
     except FedswarmError:
         return  # the SuperNode did not come up; run_node reports why
-    backoff, restarts = 1.0, 0
+    backoff, restarts = 0.5, 0
     while supernode.poll() is None:
         started = time.monotonic()
-        worker = procs.start(f"worker-{restarts}", worker_command(port), flower_env(), quiet=restarts > 0)
+        worker = procs.start(f"worker-{restarts}", worker_command(port, journal), flower_env(), quiet=restarts > 0)
         code = worker.wait()
         if supernode.poll() is not None:
             return
         restarts += 1
-        backoff = 1.0 if time.monotonic() - started > 60 else min(backoff * 2, 30.0)
-        print(f"fedswarm: the warm worker exited with code {code}; restarting it in {backoff:.0f} s", flush=True)
+        backoff = 0.5 if time.monotonic() - started > 60 else min(backoff * 2, 30.0)
+        print(f"fedswarm: the warm worker exited with code {code}; restarting it in {backoff:.1f} s", flush=True)
         time.sleep(backoff)
 
 
