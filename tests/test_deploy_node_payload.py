@@ -10,6 +10,7 @@ import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from fedswarm.common.config import FederationConfig
+from fedswarm.common.contract import from_record, is_packed, to_record
 
 SECRET = "zebra-quartz-7781"  # appears in the node's data only
 
@@ -32,25 +33,25 @@ def node_file(tmp_path):
     return write_jsonl(tmp_path / "node.jsonl", records)
 
 
-def _train_message(cfg: FederationConfig):
+def _train_message(cfg: FederationConfig, packed: bool = True):
     from fedswarm.common.lora import adapter_state, attach_lora
     from fedswarm.common.model import load_model
 
     state = adapter_state(attach_lora(load_model(cfg.model), cfg.lora_rank, cfg.lora_alpha, cfg.seed))
     config = ConfigRecord({**cfg.to_run_config(), "server-round": 1})
-    content = RecordDict({"arrays": ArrayRecord(state), "config": config})
+    content = RecordDict({"arrays": to_record(state, packed=packed), "config": config})
     return Message(content=content, dst_node_id=5, message_type="train"), state
 
 
-@pytest.mark.parametrize("dp", [False, True])
-def test_a_node_sends_only_adapter_tensors_and_scalars(node_file, dp):
+@pytest.mark.parametrize("dp,packed", [(False, True), (True, True), (False, False)])
+def test_a_node_sends_only_adapter_tensors_and_scalars(node_file, dp, packed):
     from fedswarm.client.trainer.app import train
 
     cfg = FederationConfig(
         model="tiny", clients=3, local_steps=2, batch_size=4, lora_rank=4, lora_alpha=8.0, dp=dp,
         noise_multiplier=1.0 if dp else 0.0, dp_seed=3,
     )  # fmt: skip
-    msg, sent = _train_message(cfg)
+    msg, sent = _train_message(cfg, packed)
     context = Context(run_id=1, node_id=5, node_config={"data-path": str(node_file)}, state=RecordDict(), run_config={})
     reply = train(msg, context)
     content = reply.content
@@ -60,7 +61,8 @@ def test_a_node_sends_only_adapter_tensors_and_scalars(node_file, dp):
     # the adapter: exactly the LoRA tensors it was sent, same shapes
     arrays = content["arrays"]
     assert isinstance(arrays, ArrayRecord)
-    got = arrays.to_torch_state_dict()
+    assert is_packed(arrays) == packed  # as it was sent: Flower's central-DP strategy sends one Array per tensor
+    got = from_record(arrays)
     assert set(got) == set(sent) and all("lora_" in k for k in got)
     assert all(got[k].shape == sent[k].shape for k in got)
     # metrics: scalars only (a MetricRecord also admits lists: none here)

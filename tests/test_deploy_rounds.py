@@ -9,9 +9,10 @@ import json
 
 import pytest
 import torch
-from flwr.app import ArrayRecord, Error, Message, MetricRecord, RecordDict
+from flwr.app import Error, Message, MetricRecord, RecordDict
 
 from fedswarm.common.config import FederationConfig
+from fedswarm.common.contract import from_record, to_record
 from fedswarm.common.errors import FedswarmError
 
 
@@ -53,13 +54,13 @@ class FakeGrid:
             if kind == "error":
                 replies.append(Message(Error(code=0, reason="ClientApp raised an exception"), reply_to=msg))
                 continue
-            state = msg.content["arrays"].to_torch_state_dict()
+            state = from_record(msg.content["arrays"])
             state = {k: v + 0.01 if "lora_B" in k else v for k, v in state.items()}
             if kind == "nan":
                 state = {k: torch.full_like(v, float("nan")) for k, v in state.items()}
             metrics = {"num-examples": 10, "train-loss": 1.0, "steps": 1, "seconds": 0.1, "peak-rss-mb": 1.0}
             content = RecordDict({"metrics": MetricRecord({**metrics, "lora-rank": 4})})
-            content["arrays"] = ArrayRecord(state)
+            content["arrays"] = to_record(state)
             replies.append(Message(content, reply_to=msg))
         return replies
 

@@ -8,6 +8,7 @@ from fedswarm.client.trainer.drift import DriftCorrection
 from fedswarm.client.trainer.local_train import train_lora
 from fedswarm.client.trainer.privacy import Accountant, DpSettings, noise_generator, train_lora_dp
 from fedswarm.common.config import FederationConfig
+from fedswarm.common.contract import arrays_of
 from fedswarm.common.data import Example
 from fedswarm.common.lora import adapter_state, load_adapter_state, lora_parameters
 from fedswarm.server.coordinator.controls import CONTROL_KEY, attach_control, pop_mean_control
@@ -128,7 +129,7 @@ def test_coordinator_c_is_the_example_weighted_mean():
     attach_control(messages, None)  # round 1: nothing to send
     assert CONTROL_KEY not in messages[0].content
     attach_control(messages, c)
-    torch.testing.assert_close(messages[0].content[CONTROL_KEY].to_torch_state_dict()[key], c[key])
+    torch.testing.assert_close(arrays_of(messages[0].content, CONTROL_KEY)[key], c[key])
 
 
 def test_scaffold_replies_without_a_well_formed_control_are_rejected():

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedswarm.client.trainer.drift import DriftCorrection
@@ -17,7 +17,17 @@ from fedswarm.client.trainer.node_round import node_rank, prepare_adapter, train
 from fedswarm.client.trainer.runtime import Shard, lora_model, shard_for
 from fedswarm.common.codecs import codec_for
 from fedswarm.common.config import FederationConfig, from_run_config
-from fedswarm.common.contract import CONTROL_KEY, NODE_INFO_KEY, PRIVACY_KEY, Reply, Sent, arrays_of
+from fedswarm.common.contract import (
+    CONTROL_KEY,
+    NODE_INFO_KEY,
+    PRIVACY_KEY,
+    Reply,
+    Sent,
+    arrays_of,
+    from_record,
+    is_packed,
+    to_record,
+)
 
 if TYPE_CHECKING:
     from peft import PeftModel
@@ -76,8 +86,8 @@ def _drift_correction(msg: Message, context: Context, job: Prepared) -> DriftCor
     own = context.state.array_records.get(CONTROL_KEY)
     return DriftCorrection(
         job.model,
-        server.to_torch_state_dict() if server is not None else None,
-        own.to_torch_state_dict() if own is not None else None,
+        from_record(server) if server is not None else None,
+        from_record(own) if own is not None else None,
     )
 
 
@@ -106,9 +116,9 @@ def train(msg: Message, context: Context) -> Message:
         {"metrics": MetricRecord(dict(metrics)), NODE_INFO_KEY: ConfigRecord(dict(node_info(job.device)))}
     )
     if out.state is not None:
-        content["arrays"] = ArrayRecord(out.state)
+        content["arrays"] = to_record(out.state, packed=is_packed(msg.content.array_records["arrays"]))
     if drift is not None and out.state is not None:  # this round's c_i: kept on the node, sent for c
-        control = ArrayRecord(drift.control())
+        control = to_record(drift.control())
         context.state[CONTROL_KEY] = control
         content[CONTROL_KEY] = control
     if out.privacy_history is not None:

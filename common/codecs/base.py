@@ -17,7 +17,7 @@ from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from fedswarm.common.codecs.product import Client, State, apply_server_lr, residual, server_step
-from fedswarm.common.contract import Reply, number
+from fedswarm.common.contract import Reply, from_record, number
 from fedswarm.common.errors import InputError
 
 if TYPE_CHECKING:
@@ -113,7 +113,7 @@ class AdapterCodec:
         record = reply.content.array_records["arrays"]
         hit = self._decoded.get(id(record))
         if hit is None or hit[0] is not record:
-            hit = (record, record.to_torch_state_dict())
+            hit = (record, from_record(record))
             self._decoded[id(record)] = hit
         return hit[1]
 

@@ -14,7 +14,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from fedswarm.common.contract import Reply, number
+from fedswarm.common.contract import Reply, from_record, number
 
 if TYPE_CHECKING:
     from fedswarm.common.codecs.fedavg import FedAvgCodec
@@ -87,7 +87,7 @@ class LoraSvd(FedAvg):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        self.prior = arrays.to_torch_state_dict()
+        self.prior = from_record(arrays)
         return super().configure_train(server_round, arrays, config, grid)
 
     def aggregate_train(

@@ -12,9 +12,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from flwr.app import ArrayRecord, Message
+from flwr.app import Message
 
-from fedswarm.common.contract import CONTROL_KEY, Reply, arrays_of, number
+from fedswarm.common.contract import CONTROL_KEY, Reply, arrays_of, number, to_record
 
 if TYPE_CHECKING:
     import torch
@@ -42,4 +42,4 @@ def attach_control(messages: Sequence[Message], control: dict[str, torch.Tensor]
     if control is None:
         return
     for message in messages:
-        message.content[CONTROL_KEY] = ArrayRecord(control)
+        message.content[CONTROL_KEY] = to_record(control)

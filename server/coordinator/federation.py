@@ -8,12 +8,12 @@ import time
 from dataclasses import asdict, replace
 from typing import TYPE_CHECKING, Any
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
 from fedswarm.common.codecs import AdapterCodec, codec_for
 from fedswarm.common.config import FederationConfig
-from fedswarm.common.contract import NODE_INFO_KEY, Reply, arrays_of, flag, number, whole
+from fedswarm.common.contract import NODE_INFO_KEY, Reply, arrays_of, flag, from_record, number, to_record, whole
 from fedswarm.common.errors import FedswarmError
 from fedswarm.common.stop import check_stop
 from fedswarm.server.coordinator.central_eval import CentralEvaluator
@@ -60,7 +60,7 @@ def run_federation(grid: Grid, cfg: FederationConfig, simulated: bool = False) -
         node_ids = wait_for_nodes(grid, wanted, cfg.needed_clients(), NODE_WAIT_SECONDS)
         log.info("round %d/%d: training on %d clients", round_no, cfg.rounds, len(node_ids))
         config = round_config(cfg, round_no, simulated)
-        arrays = ArrayRecord(codec.outgoing(state))
+        arrays = to_record(codec.outgoing(state), packed=not cfg.central_dp)
         messages = personalise(strategy.configure_train(round_no, arrays, config, grid), codec, state, book)
         attach_control(messages, control)  # None unless --scaffold, and before round 1's c
         sent = {int(m.metadata.dst_node_id): arrays_of(m.content) for m in messages}
@@ -80,7 +80,7 @@ def run_federation(grid: Grid, cfg: FederationConfig, simulated: bool = False) -
         aggregated, train_metrics = strategy.aggregate_train(round_no, trained)
         if aggregated is None:
             raise FedswarmError(f"round {round_no}: aggregation produced no adapter")
-        new_state = codec.complete(aggregated.to_torch_state_dict(), state)
+        new_state = codec.complete(from_record(aggregated), state)
         residual = codec.residual(strategy, trained, new_state, state)
         codec.forget()
         state = new_state
@@ -184,7 +184,7 @@ def _federated_eval(
     if cfg.fraction_evaluate <= 0:
         return {}
     count = max(1, int(len(node_ids) * cfg.fraction_evaluate))
-    record = RecordDict({"arrays": ArrayRecord(codec.outgoing(state)), "config": config})
+    record = RecordDict({"arrays": to_record(codec.outgoing(state), packed=not cfg.central_dp), "config": config})
     msgs = [Message(content=record, message_type=MessageType.EVALUATE, dst_node_id=n) for n in node_ids[:count]]
     collected = send_and_collect(grid, msgs, cfg.round_timeout)
     metrics = strategy.aggregate_evaluate(round_no, collected.replies)

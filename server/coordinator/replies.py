@@ -19,7 +19,7 @@ from flwr.app import Message
 
 from fedswarm.common.codecs import AdapterCodec, codec_for
 from fedswarm.common.config import FederationConfig
-from fedswarm.common.contract import CONTROL_KEY, Reply, flag
+from fedswarm.common.contract import CONTROL_KEY, Reply, flag, from_record
 
 if TYPE_CHECKING:
     import torch
@@ -95,7 +95,7 @@ def control_problem(reply: Message, expected: dict[str, tuple[int, ...]]) -> str
     if CONTROL_KEY not in reply.content.array_records:
         return "no SCAFFOLD control variate (control record)"
     try:
-        control = reply.content.array_records[CONTROL_KEY].to_torch_state_dict()
+        control = from_record(reply.content.array_records[CONTROL_KEY])
     except Exception as exc:  # noqa: BLE001 - a payload that does not decode is malformed, whatever the cause
         return f"control variate does not decode: {exc}"
     problem = tensor_problem(control, expected, {}, 0.0)

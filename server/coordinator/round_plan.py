@@ -11,11 +11,11 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.app import ConfigRecord, Message, RecordDict
 
 from fedswarm.common.codecs import AdapterCodec
 from fedswarm.common.config import FederationConfig
-from fedswarm.common.contract import PRIVACY_KEY, Reply, Sent, flag, number, whole
+from fedswarm.common.contract import PRIVACY_KEY, Reply, Sent, flag, is_packed, number, to_record, whole
 
 
 @dataclass
@@ -58,7 +58,8 @@ def personalise(messages: Iterable[Message], codec: AdapterCodec, state: dict, b
         if node in book.privacy:
             config[Sent.DP_HISTORY] = book.privacy[node]
         own = codec.personal(state, book.ranks.get(node))
-        arrays = msg.content["arrays"] if own is None else ArrayRecord(own)
+        sent = msg.content.array_records["arrays"]
+        arrays = sent if own is None else to_record(own, packed=is_packed(sent))
         content = RecordDict({"arrays": arrays, "config": config})
         out.append(Message(content=content, dst_node_id=node, message_type=msg.metadata.message_type))
     return out
