@@ -74,12 +74,28 @@ def test_flower_command_lines(tmp_path):
     main(["node-key", "--out", str(tmp_path), "--name", "n"])
     node = argparse.Namespace(
         coordinator="coord:9092", data=str(data), lora_rank=16, insecure=False,
-        root_cert=str(tmp_path / "certs" / "ca.crt"), auth_key=str(tmp_path / "n"),
+        root_cert=str(tmp_path / "certs" / "ca.crt"), auth_key=str(tmp_path / "n"), cold=True, poll_interval=0.5,
     )  # fmt: skip
     cmd = supernode_command(node, 9200)
+    assert Path(cmd[0]).name == "flower-supernode"  # --cold: Flower's SuperNode as it is
     config = cmd[cmd.index("--node-config") + 1]
     assert config == f'data-path="{data.resolve()}" lora-rank=16'  # TOML values, the path quoted
     assert cmd[cmd.index("--auth-supernode-private-key") + 1] == str((tmp_path / "n").resolve())
+    warm = supernode_command(argparse.Namespace(**{**vars(node), "cold": False, "poll_interval": 0.25}), 9200)
+    assert warm[1:5] == ["-m", "fedswarm.client.trainer.supernode", "--poll-interval", "0.25"]
+    assert warm[5:] == cmd[1:]  # the same Flower arguments, TLS and node key included
+
+
+def test_warm_supernode_caps_flowers_idle_sleeps():
+    import time
+
+    from fedswarm.client.trainer.supernode import _ShortSleeps
+
+    clock = _ShortSleeps(0.05)
+    started = time.monotonic()
+    clock.sleep(3)  # Flower's idle wait between two pulls
+    assert time.monotonic() - started < 2.9  # capped (0.05 s asked; generous for a loaded machine)
+    assert clock.monotonic is time.monotonic and clock.perf_counter is time.perf_counter  # the rest is time's
 
 
 def test_run_passes_only_the_settings_given_and_the_app_knows_every_key(tmp_path):

@@ -40,3 +40,15 @@ def test_the_check_sees_an_import_inside_a_function(tmp_path):
     module = tmp_path / "m.py"
     module.write_text("def f():\n    from fedswarm.server.swarm.blocks import SpanModel\n")
     assert _imports(module) == [(2, "fedswarm.server.swarm.blocks")]
+
+
+def test_the_web_page_files_ship_with_the_package():
+    """A non-editable install carries every file the exported page is copied from."""
+    import tomllib
+
+    from fedswarm.client.edge.webpage import PAGE_FILES
+
+    data = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    shipped = set(data["fedswarm.client.edge"])
+    assert {f"web/{name}" for name in PAGE_FILES} <= shipped, sorted(shipped)
+    assert all((ROOT / "client" / "edge" / name).is_file() for name in shipped)

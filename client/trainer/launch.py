@@ -50,6 +50,9 @@ class NodeCommand:
     lora_rank: int = option(0, "LoRA rank on this node (svd aggregation; 0: the run's)")
     port: int = option(0, "local port of the SuperNode's runtime API (0: a free one)")
     insecure: bool = flag_option("no TLS (only against an --insecure coordinator)")
+    poll_interval: float = option(
+        0.5, "warm nodes: longest idle wait before asking the coordinator again, seconds (Flower's own: 3)"
+    )
     cold: bool = flag_option(
         "Flower's own executor: a fresh flwr-clientapp process per message, which re-imports torch and reloads "
         "the model every round (default: a warm worker beside the SuperNode runs every message in one process "
@@ -102,7 +105,13 @@ def supernode_command(args: argparse.Namespace, port: int) -> list[str]:
 
     if ":" not in args.coordinator:
         raise FedswarmError(f"--coordinator must be HOST:PORT, got {args.coordinator!r}")
-    cmd = [flower_tool("flower-supernode"), "--superlink", args.coordinator]
+    if args.cold:  # Flower's SuperNode as it is
+        cmd = [flower_tool("flower-supernode"), "--superlink", args.coordinator]
+    else:  # the same, with its idle sleeps capped (supernode.py)
+        if not args.poll_interval > 0:
+            raise FedswarmError(f"--poll-interval must be > 0 seconds, got {args.poll_interval}")
+        cmd = [sys.executable, "-m", "fedswarm.client.trainer.supernode", "--poll-interval", str(args.poll_interval)]
+        cmd += ["--superlink", args.coordinator]
     cmd += ["--node-config", node_config(args.data, args.lora_rank), "--port", str(port)]
     if args.insecure:
         return [*cmd, "--insecure"]
