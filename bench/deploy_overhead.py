@@ -59,6 +59,7 @@ def overheads(metrics: Path) -> list[dict]:
                 "overhead": r["seconds"] - slowest,
                 "train_overhead": r["train_seconds"] - slowest,
                 "eval": r["eval_seconds"],
+                "peak_rss": [c.get("peak_rss_mb", 0.0) for c in r["per_client"]],
             }
         )
     return out
@@ -140,11 +141,15 @@ def where_time_goes(model: str) -> dict[str, float]:
 
 
 def table(name: str, rows: list[dict]) -> None:
-    print(f"\n{name}: round | wall s | node train s | overhead s | train phase s | its overhead s | eval s")
+    print(
+        f"\n{name}: round | wall s | node train s | overhead s | train phase s | its overhead s | eval s "
+        "| each training process's peak RSS MB"
+    )
     for r in rows:
         print(
             f"  {r['round']:>5} | {r['wall']:6.1f} | {r['node_train']:12.2f} | {r['overhead']:10.1f} | "
-            f"{r['train_phase']:13.1f} | {r['train_overhead']:14.1f} | {r['eval']:6.2f}"
+            f"{r['train_phase']:13.1f} | {r['train_overhead']:14.1f} | {r['eval']:6.2f} | "
+            + " ".join(f"{m:.0f}" for m in r["peak_rss"])
         )
 
 
@@ -154,25 +159,35 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--local-steps", type=int, default=4)
     parser.add_argument("--model", default="tiny")
+    parser.add_argument("--engines", default="warm,cold,sim", help="comma-separated: warm, cold, sim")
     args = parser.parse_args()
+    engines = set(args.engines.split(","))
+    if not engines or not engines <= {"warm", "cold", "sim"}:
+        raise SystemExit(f"--engines: a comma-separated subset of warm,cold,sim, got {args.engines!r}")
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     print(f"load average before: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     with tempfile.TemporaryDirectory(prefix="deploy-bench-") as tmp:
         root = Path(tmp)
         for name in ("warm", "cold", "sim"):
             (root / name).mkdir()
-        warm = deployed(root / "warm", args, cold=False)
-        cold = deployed(root / "cold", args, cold=True)
-        sim = simulated(root / "sim", args)
+        warm = deployed(root / "warm", args, cold=False) if "warm" in engines else []
+        cold = deployed(root / "cold", args, cold=True) if "cold" in engines else []
+        sim = simulated(root / "sim", args) if "sim" in engines else []
     cost = where_time_goes(args.model)
-    table("deployment, warm nodes (TLS + node auth, SuperNodes on 127.0.0.1)", warm)
-    table("deployment, --cold nodes (a flwr-clientapp process per message)", cold)
-    table("simulation (Ray)", sim)
-    s = statistics.mean(r["overhead"] for r in sim)
-    st = statistics.mean(r["train_overhead"] for r in sim)
+    for title, rows in (
+        ("deployment, warm nodes (TLS + node auth, SuperNodes on 127.0.0.1)", warm),
+        ("deployment, --cold nodes (a flwr-clientapp process per message)", cold),
+        ("simulation (Ray)", sim),
+    ):
+        if rows:
+            table(title, rows)
+    s = statistics.mean(r["overhead"] for r in sim) if sim else float("nan")
+    st = statistics.mean(r["train_overhead"] for r in sim) if sim else float("nan")
     print(f"\nmean per-round overhead ({args.model}, {args.clients} nodes, {args.rounds} rounds):")
     print(f"  simulation {s:.1f} s (training phase {st:.1f} s)")
     for name, rows in (("warm", warm), ("cold", cold)):
+        if not rows:
+            continue
         d = statistics.mean(r["overhead"] for r in rows)
         dt = statistics.mean(r["train_overhead"] for r in rows)
         share = d / statistics.mean(r["wall"] for r in rows)

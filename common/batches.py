@@ -81,12 +81,23 @@ def _upcast(logits: torch.Tensor) -> torch.Tensor:
     return logits.to(torch.promote_types(logits.dtype, torch.float32))
 
 
-def answer_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Mean cross-entropy over the answer tokens of the batch."""
+def answer_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], total: int | None = None) -> torch.Tensor:
+    """Mean cross-entropy over the answer tokens of the batch; with ``total``, their sum over ``total``.
+
+    ``total`` is the answer-token count of a whole batch this one is a micro-batch of: the
+    micro-batches' losses then add up to the whole batch's mean.
+    """
     import torch.nn.functional as F
 
     logits, targets = answer_logits(model, batch)
-    return F.cross_entropy(_upcast(logits), targets)
+    if total is None:
+        return F.cross_entropy(_upcast(logits), targets)
+    return F.cross_entropy(_upcast(logits), targets, reduction="sum") / total
+
+
+def answer_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """How many positions of ``batch`` predict an answer token (the terms of its loss)."""
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
 
 
 def per_sample_answer_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
