@@ -68,7 +68,7 @@ def overheads(metrics: Path) -> list[dict]:
 def settings(args: argparse.Namespace) -> list[str]:
     return [
         "--model", args.model, "--clients", str(args.clients), "--rounds", str(args.rounds),
-        "--local-steps", str(args.local_steps), "--batch-size", "4", "--eval-size", "12",
+        "--local-steps", str(args.local_steps), "--batch-size", str(args.batch_size), "--eval-size", "12",
     ]  # fmt: skip
 
 
@@ -158,6 +158,7 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--local-steps", type=int, default=4)
+    parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--model", default="tiny")
     parser.add_argument("--engines", default="warm,cold,sim", help="comma-separated: warm, cold, sim")
     args = parser.parse_args()

@@ -7,8 +7,12 @@ overhead is the time a step spends in the swarm minus the servers' own compute, 
 (serialisation, gRPC, the loopback network, thread hand-offs).
 "Local span code" runs the servers' block code and the client's head in one process (no network).
 Memory: a server of blocks 0:15 against one of 0:30 (weights and resident set).
+Continuous batching: aggregate tokens/s of 1, 4 and 8 concurrent greedy streams through the
+same servers, and each stream's median inter-token latency. Adapters: one stream through
+servers applying a random rank-8 LoRA unmerged (``--adapter bench=DIR``, per request) against
+servers with the same adapter merged (``--adapter DIR``, on their own registry).
 
-    .venv/bin/python bench/swarm.py [--tokens 32] [--repeats 3] [--threads 2]
+    .venv/bin/python bench/swarm.py [--tokens 32] [--repeats 3] [--threads 2] [--streams 1,4,8]
 """
 
 from __future__ import annotations
@@ -34,6 +38,8 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=32, help="new tokens per generation")
     parser.add_argument("--repeats", type=int, default=3, help="generations of each kind, interleaved")
     parser.add_argument("--threads", type=int, default=2, help="torch threads of the client, local model and servers")
+    parser.add_argument("--streams", default="1,4,8", help="concurrent stream counts to measure ('' skips)")
+    parser.add_argument("--no-adapters", action="store_true", help="skip the unmerged-vs-merged adapter comparison")
     args = parser.parse_args()
 
     # Idle OpenMP threads must not spin while another process of the pipeline computes; the
@@ -47,13 +53,25 @@ def main() -> None:
         procs: list[subprocess.Popen] = []
         try:
             memory = measure_memory(Path(tmp), args.model, env, procs)
+            adapter = None if args.no_adapters else make_adapter(Path(tmp) / "adapter", args.model)
+            unmerged = [f"--adapter=bench={adapter}"] if adapter else []
             registry = start(Path(tmp), "reg", ["registry", "--port", str(free_port())], env, procs)
-            servers = [
-                start(Path(tmp), f"s{i}", serve_args(registry, args.model, span, args.threads), env, procs)
-                for i, span in enumerate(SPLIT)
-            ]
+            servers = []
+            for i, span in enumerate(SPLIT):
+                serve = [*serve_args(registry, args.model, span, args.threads), *unmerged]
+                servers.append(start(Path(tmp), f"s{i}", serve, env, procs))
             wait_listed(registry, len(servers))
             report(run(args, registry), memory, args)
+            counts = [int(n) for n in args.streams.split(",") if n]
+            if counts:
+                report_streams(concurrent_streams(args, registry, counts))
+            if adapter is not None:
+                merged_registry = start(Path(tmp), "mreg", ["registry", "--port", str(free_port())], env, procs)
+                for i, span in enumerate(SPLIT):
+                    merged = [*serve_args(merged_registry, args.model, span, args.threads), f"--adapter={adapter}"]
+                    start(Path(tmp), f"m{i}", merged, env, procs)
+                wait_listed(merged_registry, len(SPLIT))
+                report_adapters(compare_adapters(args, registry, merged_registry))
         finally:
             stop(procs)
 
@@ -96,6 +114,95 @@ def run(args: argparse.Namespace, registry: str) -> dict[str, list[float]]:
     finally:
         client.close()
     return out
+
+
+def concurrent_streams(args: argparse.Namespace, registry: str, counts: list[int]) -> dict[int, tuple[float, float]]:
+    """Per stream count: aggregate tokens/s of that many concurrent greedy streams, and their inter-token latency."""
+    import threading
+
+    from fedswarm.client.swarm.client import SwarmClient
+    from fedswarm.client.swarm.head import load_head
+    from fedswarm.client.swarm.model import SwarmModel
+    from fedswarm.common.model import load_tokenizer, parse_model
+
+    spec = parse_model(args.model)
+    ids = load_tokenizer(spec)(PROMPT, add_special_tokens=False)["input_ids"]
+    head = load_head(spec)
+    out: dict[int, tuple[float, float]] = {}
+
+    def stream(client: SwarmClient, barrier: threading.Barrier, results: list, i: int) -> None:
+        barrier.wait()
+        results[i] = SwarmModel(client, head).generate(ids, args.tokens, keep_logits=False)
+
+    for count in counts:
+        rates, latencies = [], []
+        for _ in range(args.repeats):
+            clients = [SwarmClient([registry]) for _ in range(count)]
+            results: list = [None] * count
+            barrier = threading.Barrier(count + 1)
+            threads = [threading.Thread(target=stream, args=(clients[i], barrier, results, i)) for i in range(count)]
+            for thread in threads:
+                thread.start()
+            barrier.wait()
+            begin = time.perf_counter()
+            for thread in threads:
+                thread.join()
+            wall = time.perf_counter() - begin
+            for client in clients:
+                client.close()
+            if len({tuple(r.tokens) for r in results}) != 1:
+                raise SystemExit(f"{count} concurrent streams gave different tokens")
+            rates.append(sum(len(r.tokens) for r in results) / wall)
+            latencies.append(statistics.median(s for r in results for s in r.step_s[1:]))
+        out[count] = (statistics.median(rates), statistics.median(latencies))
+    return out
+
+
+def compare_adapters(args: argparse.Namespace, registry: str, merged_registry: str) -> dict[str, float]:
+    """Median seconds per token of one stream with the adapter unmerged (per request) and merged; same tokens."""
+    from fedswarm.client.swarm.client import SwarmClient
+    from fedswarm.client.swarm.head import load_head
+    from fedswarm.client.swarm.model import SwarmModel
+    from fedswarm.common.model import load_tokenizer, parse_model
+
+    spec = parse_model(args.model)
+    ids = load_tokenizer(spec)(PROMPT, add_special_tokens=False)["input_ids"]
+    head = load_head(spec)
+    clients = {"unmerged": SwarmClient([registry], adapter="bench"), "merged": SwarmClient([merged_registry])}
+    models = {name: SwarmModel(client, head) for name, client in clients.items()}
+    times: dict[str, list[float]] = {name: [] for name in models}
+    try:
+        for model in models.values():
+            model.generate(ids, 4)  # warm-up
+        for _ in range(args.repeats):
+            tokens = {}
+            for name, model in models.items():  # interleaved, so background load hits both alike
+                result = model.generate(ids, args.tokens)
+                times[name].append(statistics.median(result.step_s[1:]))
+                tokens[name] = result.tokens
+            if tokens["unmerged"] != tokens["merged"]:
+                raise SystemExit(f"unmerged tokens {tokens['unmerged']} differ from merged {tokens['merged']}")
+    finally:
+        for client in clients.values():
+            client.close()
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def make_adapter(folder: Path, model: str) -> Path:
+    """A rank-8 LoRA on every block linear with random, non-zero B (so applying it costs what a trained one does)."""
+    import torch
+
+    from fedswarm.common.lora import attach_lora
+    from fedswarm.common.model import load_model
+
+    peft_model = attach_lora(load_model(model), rank=8, alpha=16.0, seed=0)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=gen) * 1e-3)
+    peft_model.save_pretrained(folder)
+    return folder
 
 
 def local_greedy(model, ids: list[int], steps: int) -> tuple[list[int], list[float]]:
@@ -215,6 +322,23 @@ def report(timing: dict[str, list[float]], memory: dict[str, tuple[float, float]
     (hw, hr), (fw, fr) = memory["half 0:15"], memory["full 0:30"]
     print(f"memory: half-span server {hw:.1f} MiB weights / {hr:.0f} MiB RSS; full-span {fw:.1f} / {fr:.0f}")
     print(f"        weights ratio {hw / fw:.3f}; RSS ratio {hr / fr:.2f} (RSS includes ~the torch runtime)")
+
+
+def report_streams(streams: dict[int, tuple[float, float]]) -> None:
+    one_rate, one_latency = streams.get(1, next(iter(streams.values())))
+    for count, (rate, latency) in streams.items():
+        print(
+            f"{count} concurrent stream(s)  : {rate:7.1f} tokens/s aggregate ({rate / one_rate:.2f}x one stream); "
+            f"inter-token {latency * 1e3:.1f} ms ({latency / one_latency:.2f}x one stream's)"
+        )
+    print("goal: 8 streams >= 4x one stream's tokens/s, each stream's inter-token latency <= 2x")
+
+
+def report_adapters(times: dict[str, float]) -> None:
+    unmerged, merged = times["unmerged"], times["merged"]
+    print(f"adapter merged          : {1 / merged:7.1f} tokens/s ({merged * 1e3:.1f} ms/token)")
+    print(f"adapter unmerged        : {1 / unmerged:7.1f} tokens/s ({unmerged * 1e3:.1f} ms/token)")
+    print(f"ratio unmerged/merged: {merged / unmerged:.2f} (goal >= 0.9)")
 
 
 if __name__ == "__main__":

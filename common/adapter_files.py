@@ -12,9 +12,15 @@ ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
 def adapter_id(folder: Path) -> str:
     """A short digest of the adapter's config and weights: equal ids mean identical adapters."""
+    return digest_of([(folder / name).read_bytes() for name in ADAPTER_FILES])
+
+
+def digest_of(contents: list[bytes]) -> str:
+    """:func:`adapter_id` of files already read (in ``ADAPTER_FILES`` order), so a reader that
+    parses the same bytes it digests cannot announce one version and serve another."""
     digest = hashlib.sha256()
-    for name in ADAPTER_FILES:
-        digest.update((folder / name).read_bytes())
+    for content in contents:
+        digest.update(content)
     return digest.hexdigest()[:16]
 
 

@@ -1,9 +1,9 @@
 """``fedswarm swarm ...``: one command group whose server and client commands live with their roles.
 
 The registry and block-server commands are in ``fedswarm.server.swarm.cli``, the generation
-and scoring commands in ``fedswarm.client.swarm.cli``; both add themselves to this group and
-build their options on the security options defined here (roles meet only through ``common/``
-and the wire).
+and scoring commands in ``fedswarm.client.swarm.cli``, the HTTP API in ``fedswarm.client.swarm.api_cli``;
+all add themselves to this group and build their options on the security options defined here
+(roles meet only through ``common/`` and the wire).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from fedswarm.common.options import option
 
 SECURITY_HELP = "shared swarm token (default: $FEDSWARM_SWARM_TOKEN; empty disables the check)"
-ROLE_COMMANDS = ("fedswarm.server.swarm.cli", "fedswarm.client.swarm.cli")
+ROLE_COMMANDS = ("fedswarm.server.swarm.cli", "fedswarm.client.swarm.cli", "fedswarm.client.swarm.api_cli")
 
 
 @dataclass(frozen=True, kw_only=True)

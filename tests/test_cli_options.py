@@ -18,6 +18,7 @@ from fedswarm.common.options import OPTION_CLASSES, flag_name, given_options, he
 
 COMMANDS = {
     "simulate", "export", "serve-web", "swarm registry", "swarm serve", "swarm generate", "swarm perplexity",
+    "swarm api",
     "coordinator", "certs", "node-key", "node", "run",
 }  # fmt: skip
 Parser = argparse.ArgumentParser

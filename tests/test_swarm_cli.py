@@ -71,6 +71,15 @@ def test_missing_adapter_folder_is_one_line(tmp_path):
     ]
 
 
+def test_adapter_name_given_twice_is_one_line(tmp_path):
+    args = ["--adapter", f"fed={tmp_path}/a", "--adapter", f"fed={tmp_path}/b"]
+    proc = _swarm("serve", "--registry", "127.0.0.1:9", "--blocks", "0:2", *args)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        f"fedswarm swarm: error: --adapter 'fed={tmp_path}/b': adapter name 'fed' is given twice"
+    ]
+
+
 def test_building_the_cli_imports_neither_torch_nor_grpc():
     code = (
         "import sys, fedswarm.common.cli as cli; cli.build_parser();"
@@ -78,3 +87,17 @@ def test_building_the_cli_imports_neither_torch_nor_grpc():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "[]"
+
+
+def test_api_with_an_unreachable_registry_is_one_line():
+    proc = _swarm("api", "--registry", "127.0.0.1:1", "--port", "0")
+    assert proc.returncode == 2
+    assert (
+        proc.stderr.strip().splitlines()[-1] == "fedswarm swarm: error: registry unreachable: 127.0.0.1:1 (UNAVAILABLE)"
+    )
+
+
+def test_api_bad_concurrency_is_one_line():
+    proc = _swarm("api", "--registry", "127.0.0.1:1", "--concurrency", "0")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == ["fedswarm swarm: error: --concurrency must be >= 1, got 0"]

@@ -8,6 +8,7 @@ import grpc
 import pytest
 import torch
 
+from fedswarm.client.swarm.discovery import AdapterVersion
 from fedswarm.client.swarm.forward import forward_blocks
 from fedswarm.client.swarm.routing import NoRouteError, Peer, plan_route
 from fedswarm.common.errors import FedswarmError
@@ -51,8 +52,11 @@ class FakeClient:
         self.banned: set[str] = set()
         self.security = Security()
 
-    def plan(self, start: int = 0, end: int | None = None):
-        return plan_route(self.peers, start, 4 if end is None else end, self.banned)
+    def adapter_version(self, name=None):
+        return AdapterVersion()
+
+    def plan(self, start: int = 0, end: int | None = None, version=None, exclude=()):
+        return plan_route(self.peers, start, 4 if end is None else end, self.banned | set(exclude))
 
     def stub(self, address):
         return _Stub(self.spans[address], self.failing.get(address))

@@ -30,6 +30,7 @@ class SwarmClientOptions(SwarmSecurity):
     model: str = model_option("", "model to use ('': the one the servers announce)")
     adapter_id: str | None = option(None, "adapter to use ('' for none; default: the servers')", group="adapter")
     adapter: str | None = option(None, "use servers that merged this PEFT adapter folder", group="adapter")
+    lora: str = option("", "unmerged adapter to apply, by the name servers announce it under ('': the base model)")
     threads: int = threads_option()
 
 
@@ -75,7 +76,14 @@ def _connect(args: argparse.Namespace) -> tuple[Any, Any, Any]:
 
         args.adapter_id = adapter_id(check_adapter_folder(args.adapter))
     # the registries first: their errors should not wait for torch to import
-    client = SwarmClient(registries_arg(args.registry), security_of(args), args.model, args.adapter_id)  # type: ignore[arg-type]
+    client = SwarmClient(
+        registries_arg(args.registry),
+        security_of(args),  # type: ignore[arg-type]
+        args.model,
+        args.adapter_id,
+        adapter=args.lora,
+    )
+    client.adapter_version()  # an unknown adapter name fails here, before the model loads
     import torch
 
     from fedswarm.client.swarm.head import load_head
@@ -88,25 +96,24 @@ def _connect(args: argparse.Namespace) -> tuple[Any, Any, Any]:
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    client, model, tokenizer = _connect(args)
-    if args.chat:
-        messages = [{"role": "user", "content": args.prompt}]
-        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    else:
-        text = args.prompt
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    from fedswarm.client.swarm.textgen import chat_prompt, encode, eos_token_ids, generate_text
+    from fedswarm.common.model import parse_model
 
-    def show(token: int, _session: object) -> None:
-        sys.stdout.write(tokenizer.decode([token]))
+    client, model, tokenizer = _connect(args)
+    text = chat_prompt(tokenizer, [{"role": "user", "content": args.prompt}]) if args.chat else args.prompt
+
+    def show(delta: str) -> None:
+        sys.stdout.write(delta)
         sys.stdout.flush()
 
+    eos = eos_token_ids(parse_model(client.swarm.model_id), tokenizer)
     try:
-        result = model.generate(ids, args.max_new_tokens, tokenizer.eos_token_id, on_token=show)
+        result = generate_text(model, tokenizer, encode(tokenizer, text), args.max_new_tokens, eos, on_text=show)
     finally:
         client.close()
     sys.stdout.write("\n")
-    rate = len(result.tokens) / max(sum(result.step_s), 1e-9)
-    print(f"{len(result.tokens)} tokens, {rate:.1f} tokens/s over {result.hops} hops", file=sys.stderr)
+    rate = result.completion_tokens / max(result.elapsed_s, 1e-9)
+    print(f"{result.completion_tokens} tokens, {rate:.1f} tokens/s over {result.hops} hops", file=sys.stderr)
     return 0
 
 

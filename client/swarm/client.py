@@ -8,11 +8,19 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
-from fedswarm.client.swarm.discovery import Swarm, choose_swarm, list_servers
-from fedswarm.client.swarm.routing import DEFAULT_HOP_OVERHEAD_S, Hop, Peer, plan_route
+from fedswarm.client.swarm.discovery import (
+    AdapterVersion,
+    Swarm,
+    adapter_names,
+    choose_swarm,
+    choose_version,
+    list_servers,
+    serves,
+)
+from fedswarm.client.swarm.routing import DEFAULT_HOP_OVERHEAD_S, Hop, NoRouteError, Peer, plan_route
 from fedswarm.protos import swarm_pb2_grpc
 from fedswarm.protos.transport import Security, open_channel
 
@@ -20,7 +28,10 @@ log = logging.getLogger("fedswarm.swarm.client")
 
 
 class SwarmClient:
-    """Discovery, bans and routing for one model/adapter; channels are reused per server."""
+    """Discovery, bans and routing for one model and merged adapter; channels are reused per server.
+
+    Unmerged adapters are chosen per generation (``adapter``: the default name, "" the base).
+    """
 
     def __init__(
         self,
@@ -30,13 +41,16 @@ class SwarmClient:
         adapter_id: str | None = None,
         ban_s: float = 60.0,
         hop_overhead_s: float = DEFAULT_HOP_OVERHEAD_S,
+        adapter: str = "",
     ) -> None:
         self.registries = list(registries)
+        self.adapter = adapter  # unmerged adapter used when a generation names none
         self.security = security or Security()
         self.ban_s = ban_s  # how long a failed server is skipped, seconds
         self.hop_overhead_s = hop_overhead_s  # planning estimate of one hop's network cost, seconds
         self._banned: dict[str, float] = {}  # address -> monotonic time the ban ends
         self._channels: dict[str, Any] = {}
+        self.replays = 0  # hops re-routed and replayed after a server failed (for metrics)
         self.swarm: Swarm = self.refresh(model_id, adapter_id)
 
     def refresh(self, model_id: str | None = None, adapter_id: str | None = None) -> Swarm:
@@ -72,10 +86,34 @@ class SwarmClient:
         self._banned = {a: until for a, until in self._banned.items() if until > now}
         return set(self._banned)
 
-    def plan(self, start: int = 0, end: int | None = None) -> list[Hop]:
-        """A route over blocks ``start..end-1`` among live, unbanned servers."""
-        peers = [Peer(s.address, s.start, s.end, s.throughput) for s in self.swarm.servers]
-        return plan_route(peers, start, self.num_blocks if end is None else end, self.banned(), self.hop_overhead_s)
+    def adapter_names(self) -> list[str]:
+        """The unmerged adapters live servers announce (each usable as ``adapter``)."""
+        return adapter_names(self.swarm.servers)
+
+    def adapter_version(self, name: str | None = None) -> AdapterVersion:
+        """The version of adapter ``name`` (default: ``self.adapter``) a new generation should use."""
+        name = self.adapter if name is None else name
+        return choose_version(self.swarm.servers, name, 0, self.num_blocks, self.banned())
+
+    def plan(
+        self,
+        start: int = 0,
+        end: int | None = None,
+        version: AdapterVersion | None = None,
+        exclude: Iterable[str] = (),
+    ) -> list[Hop]:
+        """A route over blocks ``start..end-1`` among live, unbanned servers that run ``version``
+        (default: the base model), avoiding the ``exclude``d addresses too."""
+        version = version or AdapterVersion()
+        peers = [Peer(s.address, s.start, s.end, s.throughput) for s in self.swarm.servers if serves(s, version)]
+        avoid = self.banned() | set(exclude)
+        try:
+            return plan_route(peers, start, self.num_blocks if end is None else end, avoid, self.hop_overhead_s)
+        except NoRouteError as exc:
+            if not version.name:
+                raise
+            what = f"adapter {version.name!r} version {version.digest}"  # e.g. every server moved to a newer one
+            raise NoRouteError(exc.missing, avoid & {p.address for p in peers}, what=what) from None
 
     def stub(self, address: str) -> swarm_pb2_grpc.BlockServerStub:
         channel = self._channels.get(address)

@@ -1,15 +1,18 @@
-"""Finding the swarm: merge the registries' lists, and pick one model and adapter to use.
+"""Finding the swarm: merge the registries' lists, and pick one model, adapter and adapter version.
 
 A client must never route one forward pass through servers of different models or adapters
 (the output would be garbage, silently), so disagreement is an error unless the user chose.
+Merged adapters (``adapter_id``) split the swarm into groups; unmerged ones are chosen per
+generation by name, and pinned to one version (digest) that servers covering every block agree on.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+from fedswarm.client.swarm.routing import NoRouteError, Peer, missing_blocks
 from fedswarm.common.errors import FedswarmError
 from fedswarm.protos import swarm_pb2, swarm_pb2_grpc
 from fedswarm.protos.tensors import PROTOCOL_VERSION
@@ -28,6 +31,60 @@ class Swarm:
     adapter_id: str
     num_blocks: int
     servers: tuple[swarm_pb2.ServerInfo, ...]
+
+
+@dataclass(frozen=True)
+class AdapterVersion:
+    """An unmerged adapter in one version; ``name`` "" is the base model (whatever the digest)."""
+
+    name: str = ""
+    digest: str = ""
+
+
+class UnknownAdapterError(FedswarmError):
+    """No live server announces an adapter of this name."""
+
+
+def serves(info: swarm_pb2.ServerInfo, version: AdapterVersion) -> bool:
+    """Whether the server can run ``version`` (every server runs the base model)."""
+    if not version.name:
+        return True
+    return any(a.name == version.name and a.digest == version.digest for a in info.adapters)
+
+
+def adapter_names(servers: Sequence[swarm_pb2.ServerInfo]) -> list[str]:
+    """Every unmerged adapter name some server announces."""
+    return sorted({a.name for info in servers for a in info.adapters})
+
+
+def choose_version(
+    servers: Sequence[swarm_pb2.ServerInfo], name: str, start: int, end: int, banned: Iterable[str] = ()
+) -> AdapterVersion:
+    """The version of adapter ``name`` to route a generation through: one whose servers cover
+    blocks ``start..end-1``; of several, the one the most servers announce (then the smaller
+    digest, so every client picks the same). While an adapter is being replaced the swarm may
+    announce two versions; a generation uses exactly one of them from its first token to its last.
+    """
+    if not name:
+        return AdapterVersion()
+    banned = set(banned)
+    holders: dict[str, list[swarm_pb2.ServerInfo]] = {}
+    for info in servers:
+        for adapter in info.adapters:
+            if adapter.name == name and info.address not in banned:
+                holders.setdefault(adapter.digest, []).append(info)
+    if not holders:
+        known = ", ".join(adapter_names(servers)) or "none"
+        raise UnknownAdapterError(f"no live server serves adapter {name!r} (adapters served: {known})")
+    gaps = {
+        digest: missing_blocks([Peer(i.address, i.start, i.end, i.throughput) for i in infos], start, end)
+        for digest, infos in holders.items()
+    }
+    complete = [digest for digest, missing in gaps.items() if not missing]
+    if not complete:
+        digest = min(gaps, key=lambda d: (sum(b - a for a, b in gaps[d]), d))
+        raise NoRouteError(gaps[digest], banned, what=f"adapter {name!r} version {digest}")
+    return AdapterVersion(name, min(complete, key=lambda d: (-len(holders[d]), d)))
 
 
 def list_servers(registries: Sequence[str], security: Security) -> list[swarm_pb2.ServerInfo]:

@@ -33,6 +33,13 @@ def is_retriable(exc: BaseException) -> bool:
     return exc.code() not in fatal
 
 
+def is_stale_adapter(exc: BaseException) -> bool:
+    """The server runs a newer version of the requested adapter (it was replaced while serving)."""
+    import grpc
+
+    return isinstance(exc, grpc.RpcError) and exc.code() == grpc.StatusCode.ABORTED
+
+
 def backoff_s(attempt: int) -> float:
     """Exponential backoff: 0.05 s, 0.1 s, 0.2 s ... capped at 2 s."""
     return min(BASE_DELAY_S * 2**attempt, MAX_DELAY_S)

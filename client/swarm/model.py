@@ -7,7 +7,7 @@ the swarm once (prefill), then one token per step with the KV caches on the serv
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -45,19 +45,30 @@ class SwarmModel:
         self,
         input_ids: Sequence[int],
         max_new_tokens: int,
-        eos_token_id: int | None = None,
-        on_token: Callable[[int, InferenceSession], None] | None = None,
+        eos_token_id: int | Collection[int] | None = None,
+        on_token: Callable[[int, InferenceSession], bool | None] | None = None,
+        pick: Callable[[torch.Tensor], int] | None = None,
+        keep_logits: bool = True,
+        adapter: str | None = None,
     ) -> Generation:
-        """Greedy decoding; ``on_token`` sees each new token as it comes (for printing, or tests)."""
+        """Decoding until ``max_new_tokens`` or an end-of-sequence token (``eos_token_id``: one id or several).
+
+        ``on_token`` sees each new token as it comes (for printing, streaming, tests) and may
+        return True to stop there; ``pick`` chooses a token from its logits (default: greedy,
+        see :class:`~fedswarm.client.swarm.sampling.TokenPicker`); ``keep_logits=False`` keeps
+        no per-step logits (a server answering many requests needs only the tokens); ``adapter``
+        names the unmerged adapter the servers announce ("" the base; default: the client's).
+        """
         import time
 
         import torch
 
         if max_new_tokens < 1:
             raise InputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        eos = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or ())
         result = Generation()
         ids = torch.tensor([list(input_ids)], dtype=torch.long)
-        with InferenceSession(self.client, ids.shape[1] + max_new_tokens) as session:
+        with InferenceSession(self.client, ids.shape[1] + max_new_tokens, adapter) as session:
             for _ in range(max_new_tokens):
                 begin = time.perf_counter()
                 embeds = self.head.embed(ids)
@@ -65,22 +76,22 @@ class SwarmModel:
                 hidden = session.step(embeds)
                 result.remote_s.append(time.perf_counter() - sent)
                 logits = self.head.logits(hidden[:, -1])[0]
-                token = int(torch.argmax(logits))
+                token = int(torch.argmax(logits)) if pick is None else pick(logits)
                 result.step_s.append(time.perf_counter() - begin)
                 result.server_ms.append(session.server_ms())
                 result.tokens.append(token)
-                result.logits.append(logits)
+                if keep_logits:
+                    result.logits.append(logits)
                 result.hops = len(session.links)
-                if on_token is not None:
-                    on_token(token, session)
-                if token == eos_token_id:
+                stop = on_token(token, session) if on_token is not None else None
+                if token in eos or stop is True:
                     break
                 ids = torch.tensor([[token]], dtype=torch.long)
         return result
 
-    def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def logits(self, input_ids: torch.Tensor, adapter: str | None = None) -> torch.Tensor:
         """Logits of every position of right-padded ``input_ids`` ([batch, seq]), via stateless Forward."""
-        hidden = forward_blocks(self.client, self.head.embed(input_ids))
+        hidden = forward_blocks(self.client, self.head.embed(input_ids), adapter)
         return self.head.logits(hidden)
 
     def answer_nll(self, sequences: Sequence[tuple[Sequence[int], int]], batch_size: int = 8) -> tuple[float, int]:

@@ -38,12 +38,13 @@ class Hop:
 class NoRouteError(FedswarmError):
     """No chain of live servers covers the blocks; ``missing`` lists the uncovered ranges."""
 
-    def __init__(self, missing: Sequence[tuple[int, int]], banned: Iterable[str] = ()) -> None:
+    def __init__(self, missing: Sequence[tuple[int, int]], banned: Iterable[str] = (), what: str = "") -> None:
         self.missing = list(missing)
         ranges = ", ".join(format_blocks(a, b) for a, b in self.missing)
         banned = sorted(banned)
         note = f" (excluding {len(banned)} failed server(s): {', '.join(banned)})" if banned else ""
-        super().__init__(f"no route covers all blocks: no live server holds {ranges}{note}")
+        of = f" with {what}" if what else ""
+        super().__init__(f"no route covers all blocks: no live server{of} holds {ranges}{note}")
 
 
 def format_blocks(start: int, end: int) -> str:

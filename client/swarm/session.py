@@ -4,6 +4,11 @@ Each hop remembers every input it was sent. When a hop fails, the session bans i
 plans a replacement for exactly that hop's blocks, replays the remembered inputs through the
 replacement to rebuild its cache, and carries on; the hops before and after keep their caches,
 and the caller sees the same outputs it would have seen without the failure.
+
+A session uses one version of one unmerged adapter (or the base) on every hop, from its first
+token to its last. If a server replaced that adapter before the session's first step reached
+it, the session re-plans from scratch on the version the swarm now serves; later, a replacement
+hop must still run the pinned version, or the session fails with a clear error.
 """
 
 from __future__ import annotations
@@ -15,7 +20,15 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from fedswarm.client.swarm.failures import MAX_ATTEMPTS, backoff_s, describe, fatal_error, is_retriable
+from fedswarm.client.swarm.discovery import AdapterVersion
+from fedswarm.client.swarm.failures import (
+    MAX_ATTEMPTS,
+    backoff_s,
+    describe,
+    fatal_error,
+    is_retriable,
+    is_stale_adapter,
+)
 from fedswarm.client.swarm.routing import Hop, format_blocks
 from fedswarm.common.errors import FedswarmError
 from fedswarm.protos import swarm_pb2
@@ -34,7 +47,9 @@ STEP_TIMEOUT_S = 60.0  # one step on one server; a slower server is treated as f
 class _Stream:
     """One server's side of a session: a bidirectional stream fed from a queue."""
 
-    def __init__(self, client: SwarmClient, hop: Hop, max_length: int, session_id: str) -> None:
+    def __init__(
+        self, client: SwarmClient, hop: Hop, max_length: int, session_id: str, version: AdapterVersion
+    ) -> None:
         self.hop = hop
         self._first: swarm_pb2.InferenceRequest | None = swarm_pb2.InferenceRequest(
             protocol_version=PROTOCOL_VERSION,
@@ -42,6 +57,8 @@ class _Stream:
             end=hop.end,
             max_length=max_length,
             session_id=session_id,
+            adapter=version.name,
+            adapter_digest=version.digest if version.name else "",
         )
         self._requests: queue.Queue[swarm_pb2.InferenceRequest | None] = queue.Queue()
         self._replies = client.stub(hop.address).Inference(
@@ -49,6 +66,7 @@ class _Stream:
         )
         self.busy_since: float | None = None  # set while a step waits for its reply
         self.compute_ms = 0.0  # server-side time of the last step
+        self.batch_size = 0  # rows the server computed together in the last step (its continuous batching)
 
     def step(self, hidden: torch.Tensor) -> torch.Tensor:
         request = swarm_pb2.InferenceRequest(protocol_version=PROTOCOL_VERSION, hidden=to_proto(hidden))
@@ -64,6 +82,7 @@ class _Stream:
         if reply is None:
             raise ConnectionError(f"server {self.hop.address} ended the session")
         self.compute_ms = reply.compute_ms
+        self.batch_size = reply.batch_size
         return from_proto(reply.hidden)
 
     def close(self) -> None:
@@ -84,14 +103,20 @@ class _Link:
 
 
 class InferenceSession:
-    """A generation's route through the swarm, with per-server KV caches of ``max_length`` tokens."""
+    """A generation's route through the swarm, with per-server KV caches of ``max_length`` tokens.
 
-    def __init__(self, client: SwarmClient, max_length: int) -> None:
+    ``adapter`` names the unmerged adapter to use ("" the base; default: the client's).
+    """
+
+    def __init__(self, client: SwarmClient, max_length: int, adapter: str | None = None) -> None:
         self.client = client
         self.max_length = max_length
         self.session_id = f"{id(self):x}-{time.time_ns():x}"
         self.length = 0  # tokens sent so far
-        self.links = [_Link(self._open(hop)) for hop in client.plan()]
+        self.adapter = client.adapter if adapter is None else adapter
+        self.version = client.adapter_version(self.adapter)  # pinned for the whole session
+        self._excluded: set[str] = set()  # servers that no longer run the pinned version
+        self.links = [_Link(self._open(hop)) for hop in client.plan(version=self.version)]
         self._closed = threading.Event()
         threading.Thread(target=self._watchdog, name="session-watchdog", daemon=True).start()
 
@@ -112,6 +137,10 @@ class InferenceSession:
             except Exception as exc:  # noqa: BLE001 (grpc raises RpcError subclasses and iterator errors)
                 if not is_retriable(exc):
                     raise fatal_error(link.hop.address, exc) from None
+                if is_stale_adapter(exc) and self.length == 0:
+                    self._restart(link.hop.address, exc)
+                    x, index = hidden, 0
+                    continue
                 self._replace(index, exc)
                 continue
             link.inputs.append(x)
@@ -136,14 +165,38 @@ class InferenceSession:
         self.close()
 
     def _open(self, hop: Hop) -> _Stream:
-        return _Stream(self.client, hop, self.max_length, self.session_id)
+        return _Stream(self.client, hop, self.max_length, self.session_id, self.version)
+
+    def _restart(self, address: str, error: BaseException) -> None:
+        """Before the first step has gone through, re-plan the whole route on the adapter's current version."""
+        log.info("server %s: %s; re-planning on the current version", address, describe(error))
+        for link in self.links:
+            link.stream.close()
+        for attempt in range(MAX_ATTEMPTS):
+            time.sleep(backoff_s(attempt))
+            self.client.try_refresh()
+            try:
+                version = self.client.adapter_version(self.adapter)
+                plan = self.client.plan(version=version)
+            except FedswarmError as exc:  # servers half-way through the replacement: none covers all blocks yet
+                log.info("waiting for the swarm to agree on adapter %r: %s", self.adapter, exc)
+                continue
+            if version == self.version:  # the registry has not heard of the new version yet
+                continue
+            self.version = version
+            self.links = [_Link(self._open(hop)) for hop in plan]
+            return
+        raise FedswarmError(f"adapter {self.adapter!r}: the swarm did not settle on one version")
 
     def _replace(self, index: int, error: BaseException) -> None:
         """Swap the failed hop for servers covering its blocks, and rebuild their caches."""
         failed = self.links[index]
         start, end = failed.hop.start, failed.hop.end
         failed.stream.close()
-        self.client.ban(failed.hop.address)
+        if is_stale_adapter(error):  # alive, but no longer runs this session's version
+            self._excluded.add(failed.hop.address)
+        else:
+            self.client.ban(failed.hop.address)
         log.warning(
             "server %s failed on %s (%s); re-routing", failed.hop.address, format_blocks(start, end), describe(error)
         )
@@ -151,7 +204,8 @@ class InferenceSession:
         for attempt in range(MAX_ATTEMPTS):
             time.sleep(backoff_s(attempt))
             self.client.try_refresh()
-            links = [_Link(self._open(hop)) for hop in self.client.plan(start, end)]  # NoRouteError names the gap
+            plan = self.client.plan(start, end, self.version, self._excluded)  # NoRouteError names the gap
+            links = [_Link(self._open(hop)) for hop in plan]
             current = links[0]
             try:
                 x = history
@@ -164,9 +218,13 @@ class InferenceSession:
                     link.stream.close()
                 if not is_retriable(exc):
                     raise fatal_error(current.hop.address, exc) from None
-                self.client.ban(current.hop.address)
+                if is_stale_adapter(exc):
+                    self._excluded.add(current.hop.address)
+                else:
+                    self.client.ban(current.hop.address)
                 continue
             self.links[index : index + 1] = links
+            self.client.replays += 1
             log.info("re-routed %s via %s", format_blocks(start, end), ", ".join(h.address for h in self.route))
             return
         raise FedswarmError(f"gave up re-routing {format_blocks(start, end)} after {MAX_ATTEMPTS} attempts")

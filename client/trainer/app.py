@@ -95,8 +95,9 @@ def _drift_correction(msg: Message, context: Context, job: Prepared) -> DriftCor
 def train(msg: Message, context: Context) -> Message:
     """One round of local training; replies with the adapter and train metrics."""
     from fedswarm.client.trainer.node_info import node_info
-    from fedswarm.common.memory import peak_rss_mb, reset_peak_rss
+    from fedswarm.common.memory import peak_rss_mb, release_free_memory, reset_peak_rss
 
+    release_free_memory()  # what the last message freed goes back to the system first
     reset_peak_rss()  # the reply's peak-rss-mb is this message's (model loading included where it happens)
     job = _prepare(msg, context)
     drift = _drift_correction(msg, context, job) if job.cfg.scaffold else None

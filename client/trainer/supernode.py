@@ -46,7 +46,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     import flwr.supernode.start_client_internal as loop
     from flwr.supernode.cli import flower_supernode
 
-    loop.time = _ShortSleeps(poll)  # type: ignore[assignment]
+    loop.time = _ShortSleeps(poll)
     sys.argv = ["flower-supernode", *args]
     flower_supernode()
     return 0

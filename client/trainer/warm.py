@@ -112,13 +112,13 @@ CRASHED = "ClientApp stopped responding."  # Flower's own reason for a ClientApp
 
 def write_journal(path: Path, token: str, message: Message, context: Context) -> None:
     """Record the running task (token, node, run, the message without its content), atomically."""
+    metadata_only = message_to_proto(remove_content_from_message(message)).SerializeToString()
     entry = {
         "token": token,
         "node_id": context.node_id,
         "run_id": context.run_id,
-        "message": base64.b64encode(message_to_proto(remove_content_from_message(message)).SerializeToString()),
+        "message": base64.b64encode(metadata_only).decode(),
     }
-    entry["message"] = entry["message"].decode()
     tmp = path.with_suffix(".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # the token is a secret of this node
     with os.fdopen(fd, "w") as f:

@@ -29,6 +29,15 @@ class Announcer:
         self.security = security
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
+        self._changed = threading.Condition()
+        self._generation = 0  # bumped by update(): each registry's loop announces at once
+
+    def update(self, info: swarm_pb2.ServerInfo) -> None:
+        """Announce ``info`` from now on, starting now (e.g. an adapter's new version)."""
+        with self._changed:
+            self.info = info
+            self._generation += 1
+            self._changed.notify_all()
 
     def announce_once(self, registry: str, ttl_s: float, timeout_s: float = 5.0) -> None:
         """One announcement (``ttl_s`` 0 withdraws); raises ``grpc.RpcError`` on failure."""
@@ -51,17 +60,25 @@ class Announcer:
         import grpc
 
         self._stop.set()
+        with self._changed:
+            self._changed.notify_all()
         for registry in self.registries:
             try:
                 self.announce_once(registry, 0.0, timeout_s=1.0)  # best effort: the TTL cleans up anyway
             except grpc.RpcError:
                 pass
 
+    def _wait_change(self, generation: int) -> None:
+        """Until the next refresh is due, ``update`` brings new info, or ``stop`` is called."""
+        with self._changed:
+            self._changed.wait_for(lambda: self._generation != generation or self._stop.is_set(), self.ttl_s / 3)
+
     def _loop(self, registry: str) -> None:
         import grpc
 
         delay = 1.0
         while not self._stop.is_set():
+            generation = self._generation
             try:
                 self.announce_once(registry, self.ttl_s)
             except grpc.RpcError as exc:
@@ -71,4 +88,4 @@ class Announcer:
                 delay = min(delay * 2, MAX_BACKOFF_S)
                 continue
             delay = 1.0
-            self._stop.wait(self.ttl_s / 3)
+            self._wait_change(generation)

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -18,6 +20,8 @@ from fedswarm.common.model import ModelSpec, model_folder
 
 if TYPE_CHECKING:
     import torch
+
+    from fedswarm.server.swarm.lora import LoraHooks, RowGroup, SpanAdapter
 
 log = logging.getLogger("fedswarm.swarm.blocks")
 
@@ -56,6 +60,40 @@ class SpanCache:
         return self.keys[layer_idx, :, :, :end], self.values[layer_idx, :, :, :end]
 
 
+class BatchCache:
+    """Several sessions' caches seen as one batch for a decode step (one new token per row).
+
+    Each session's new key/value goes into its own cache; attention gets the sessions' keys
+    right-padded to the longest (plus the new token), and a mask hides the padding. The padded
+    buffers are reused from layer to layer: stale values there are finite and always masked.
+    """
+
+    def __init__(self, caches: Sequence[SpanCache], rows: Sequence[tuple[int, int]]) -> None:
+        self.caches, self.rows = caches, rows
+        self.width = max(c.length for c in caches) + 1
+        self._buffers: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def update(
+        self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, cache_kwargs: Any = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        import torch
+
+        if self._buffers is None:
+            shape = (key.shape[0], key.shape[1], self.width, key.shape[3])
+            self._buffers = (
+                torch.zeros(shape, dtype=key.dtype, device=key.device),
+                torch.zeros(shape, dtype=value.dtype, device=value.device),
+            )
+        keys, values = self._buffers
+        for cache, (first, last) in zip(self.caches, self.rows, strict=True):
+            end = cache.length + 1
+            cache.keys[layer_idx, :, :, cache.length] = key[first:last, :, 0]
+            cache.values[layer_idx, :, :, cache.length] = value[first:last, :, 0]
+            keys[first:last, :, :end] = cache.keys[layer_idx, :, :, :end]
+            values[first:last, :, :end] = cache.values[layer_idx, :, :, :end]
+        return keys, values
+
+
 @dataclass
 class SpanModel:
     """Blocks ``start..end-1`` of a model, ready to run hidden states through."""
@@ -65,6 +103,7 @@ class SpanModel:
     rotary: Any  # LlamaRotaryEmbedding
     start: int
     end: int
+    lora: LoraHooks | None = None  # installed the first time an unmerged adapter is used
 
     @property
     def hidden_size(self) -> int:
@@ -100,14 +139,24 @@ class SpanModel:
         itemsize = next(self.layers.parameters()).element_size()
         return SpanCache.size_bytes(end - start, batch, cfg.num_key_value_heads, head_dim, max_length, itemsize)
 
-    def forward(self, hidden: torch.Tensor, start: int, end: int, cache: SpanCache | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        start: int,
+        end: int,
+        cache: SpanCache | None = None,
+        adapter: SpanAdapter | None = None,
+    ) -> torch.Tensor:
         """Run ``hidden`` ([batch, new, hidden]) through blocks ``start..end-1`` (global indices).
 
         Without a cache the sequence starts at position 0 (stateless ``Forward``); with one it
         continues after the ``cache.length`` tokens the cache holds, and commits the new ones.
-        Compute runs on the span's device; the result comes back on ``hidden``'s device and dtype.
+        ``adapter`` (unmerged LoRA) applies to every row. Compute runs on the span's device; the
+        result comes back on ``hidden``'s device and dtype.
         """
         import torch
+
+        from fedswarm.server.swarm.lora import RowGroup
 
         device = self.device
         past = cache.length if cache is not None else 0
@@ -118,7 +167,8 @@ class SpanModel:
             rows = torch.arange(new, device=device).unsqueeze(1) + past
             mask = (torch.arange(past + new, device=device).unsqueeze(0) <= rows)[None, None]
         x = hidden.to(device=device, dtype=self.dtype)
-        with torch.inference_mode():
+        groups = [RowGroup(0, hidden.shape[0], adapter)] if adapter is not None else []
+        with torch.inference_mode(), self._adapted(groups):
             embeddings = self.rotary(x, positions)
             for i in range(start - self.start, end - self.start):
                 layer = self.layers[i]
@@ -134,6 +184,70 @@ class SpanModel:
         if cache is not None:
             cache.length += new
         return x.to(device=hidden.device, dtype=hidden.dtype)
+
+    def forward_batch(
+        self,
+        hiddens: Sequence[torch.Tensor],
+        caches: Sequence[SpanCache],
+        start: int,
+        end: int,
+        adapters: Sequence[SpanAdapter | None],
+    ) -> list[torch.Tensor]:
+        """One decode step of several sessions at once: each ``hiddens[i]`` is [batch_i, 1, hidden]
+        continuing ``caches[i]`` under ``adapters[i]``; returns each session's output.
+
+        Rows keep their own positions (their cache lengths) and see only their own cache; a
+        session's result does not depend on what else is in the batch, up to float round-off.
+        """
+        import torch
+
+        from fedswarm.server.swarm.lora import RowGroup
+
+        if len(hiddens) == 1:
+            return [self.forward(hiddens[0], start, end, caches[0], adapters[0])]
+        device = self.device
+        rows: list[tuple[int, int]] = []
+        groups: list[RowGroup] = []
+        first = 0
+        for hidden, adapter in zip(hiddens, adapters, strict=True):
+            rows.append((first, first + hidden.shape[0]))
+            if adapter is not None:
+                if groups and groups[-1].adapter is adapter and groups[-1].end == first:
+                    groups[-1] = RowGroup(groups[-1].start, first + hidden.shape[0], adapter)
+                else:
+                    groups.append(RowGroup(first, first + hidden.shape[0], adapter))
+            first += hidden.shape[0]
+        lengths = torch.tensor(
+            [cache.length for cache, (a, b) in zip(caches, rows, strict=True) for _ in range(a, b)], device=device
+        )
+        batch_cache = BatchCache(caches, rows)
+        positions = lengths.unsqueeze(1)
+        mask = (torch.arange(batch_cache.width, device=device).unsqueeze(0) <= positions)[:, None, None, :]
+        x = torch.cat([h.to(device=device, dtype=self.dtype) for h in hiddens])
+        with torch.inference_mode(), self._adapted(groups):
+            embeddings = self.rotary(x, positions)
+            for i in range(start - self.start, end - self.start):
+                layer = self.layers[i]
+                layer.self_attn.layer_idx = i - (start - self.start)
+                x = layer(
+                    x,
+                    attention_mask=mask,
+                    position_ids=positions,
+                    past_key_values=batch_cache,
+                    position_embeddings=embeddings,
+                )
+        for cache in caches:
+            cache.length += 1
+        return [x[a:b].to(device=h.device, dtype=h.dtype) for (a, b), h in zip(rows, hiddens, strict=True)]
+
+    def _adapted(self, groups: Sequence[RowGroup]) -> AbstractContextManager[None]:
+        if not groups:
+            return nullcontext()
+        if self.lora is None:
+            from fedswarm.server.swarm.lora import LoraHooks
+
+            self.lora = LoraHooks(self.layers)
+        return self.lora.applied(groups)
 
 
 def load_span(spec: ModelSpec, start: int, end: int, device: str = "cpu") -> SpanModel:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass
+from pathlib import Path
 
 from fedswarm.common.options import (
     add_arguments,
@@ -33,7 +34,18 @@ class ServeTarget:
     registry: list[str] = registry_option()
     model: str = model_option()
     blocks: str = required("START:END, END exclusive (e.g. 0:15)")
-    adapter: str | None = option(None, "PEFT LoRA folder to merge into the blocks (e.g. a run's adapter/)")
+    adapter: list[str] | None = option(
+        None,
+        "NAME=DIR: serve the PEFT LoRA folder DIR (e.g. a run's adapter/) unmerged as NAME, reloaded when it "
+        "changes; repeat for several. A bare DIR is merged into the blocks (at most one)",
+        repeat=True,
+    )
+    adapter_dir: list[str] | None = option(
+        None,
+        "ROOT: serve every subfolder of ROOT that is a PEFT adapter (or holds one in adapter/, as a run does) "
+        "unmerged under the subfolder's name, including ones added while serving; repeatable",
+        repeat=True,
+    )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -58,19 +70,21 @@ def run_registry(args: argparse.Namespace) -> int:
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    from fedswarm.common.adapter_files import check_adapter_folder
     from fedswarm.common.addresses import registries_arg
     from fedswarm.common.model import parse_model
-    from fedswarm.server.swarm.options import ServeConfig
+    from fedswarm.server.swarm.options import ServeConfig, parse_adapters
     from fedswarm.server.swarm.server import parse_blocks, run_server
 
     start, end = parse_blocks(args.blocks)
+    merged, adapters = parse_adapters(args.adapter or [])
     cfg = ServeConfig(
         spec=parse_model(args.model),
         start=start,
         end=end,
         registries=registries_arg(args.registry),
-        adapter=check_adapter_folder(args.adapter) if args.adapter else None,
+        adapter=merged,
+        adapters=adapters,
+        adapter_roots=tuple(Path(root).expanduser() for root in args.adapter_dir or []),
         options=from_args(ServeOptions, args),
     )
     return run_server(cfg, security_of(args))  # type: ignore[arg-type]

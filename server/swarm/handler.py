@@ -1,26 +1,29 @@
 """The block server's RPC handlers: thin checks around :class:`SpanModel`.
 
-Compute is serialised by one lock: on a CPU server concurrent requests would only fight
-over the same cores, and one-at-a-time keeps each step's latency predictable. Hidden states
-arrive on the CPU; the span computes on its device and answers on the CPU, ready to encode.
+All compute runs on the :class:`BatchScheduler`'s one thread: concurrent sessions' decode
+steps are batched there (continuous batching), everything else runs alone. Each request
+names its unmerged adapter ("" for the base); a session pins the version it opened with.
+Hidden states arrive on the CPU; the span computes on its device and answers on the CPU.
 """
 
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from fedswarm.protos import swarm_pb2, swarm_pb2_grpc
 from fedswarm.protos.tensors import PROTOCOL_VERSION, from_proto, to_proto
+from fedswarm.server.swarm.scheduler import BatchScheduler, SessionState
 from fedswarm.server.swarm.sessions import SessionLimitError, SessionTable
 
 if TYPE_CHECKING:
     import torch
 
+    from fedswarm.server.swarm.adapters import AdapterStore
     from fedswarm.server.swarm.blocks import SpanModel
+    from fedswarm.server.swarm.lora import SpanAdapter
 
 log = logging.getLogger("fedswarm.swarm.handler")
 
@@ -28,12 +31,21 @@ log = logging.getLogger("fedswarm.swarm.handler")
 class BlockServicer(swarm_pb2_grpc.BlockServerServicer):
     """Serves ``Info``, stateless ``Forward`` and streaming ``Inference`` for one span."""
 
-    def __init__(self, span: SpanModel, info: swarm_pb2.ServerInfo, sessions: SessionTable, max_length: int) -> None:
+    def __init__(
+        self,
+        span: SpanModel,
+        info: swarm_pb2.ServerInfo,
+        sessions: SessionTable,
+        max_length: int,
+        adapters: AdapterStore | None = None,
+        scheduler: BatchScheduler | None = None,
+    ) -> None:
         self.span = span
-        self.info = info
+        self.info = info  # replaced (not mutated) when an adapter's version changes
         self.sessions = sessions
         self.max_length = max_length  # longest session, in tokens
-        self._compute = threading.Lock()
+        self.adapters = adapters
+        self.scheduler = scheduler or BatchScheduler(span, active_sessions=lambda: sessions.count).start()
 
     def Info(self, request: swarm_pb2.InfoRequest, context: Any) -> swarm_pb2.ServerInfo:  # noqa: N802
         _check_version(request.protocol_version, context)
@@ -43,9 +55,10 @@ class BlockServicer(swarm_pb2_grpc.BlockServerServicer):
         _check_version(request.protocol_version, context)
         self._check_span(request.start, request.end, context)
         hidden = self._hidden(request.hidden, context)
+        adapter = self._adapter(request.adapter, request.adapter_digest, context)
         begin = time.perf_counter()
-        with self._compute:
-            out = self.span.forward(hidden, request.start, request.end)
+        span, start, end = self.span, request.start, request.end
+        out = self.scheduler.run(lambda: span.forward(hidden, start, end, adapter=adapter))
         ms = (time.perf_counter() - begin) * 1e3
         return swarm_pb2.ForwardReply(protocol_version=PROTOCOL_VERSION, hidden=to_proto(out), compute_ms=ms)
 
@@ -63,25 +76,31 @@ class BlockServicer(swarm_pb2_grpc.BlockServerServicer):
         if not 0 < max_length <= self.max_length:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"max_length {max_length} not in 1..{self.max_length}")
         batch = self._hidden(first.hidden, context).shape[0]
+        adapter = self._adapter(first.adapter, first.adapter_digest, context)
         try:
             session = self.sessions.open(self.span.cache_bytes(start, end, batch, max_length), context)
         except SessionLimitError as exc:
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
         try:
-            cache = self.span.new_cache(start, end, batch, max_length)
+            state = SessionState(start, end, self.span.new_cache(start, end, batch, max_length), adapter)
             request: swarm_pb2.InferenceRequest | None = first
             while request is not None:
-                yield self._step(request, cache, start, end, context)
+                if request.adapter and request.adapter != first.adapter:
+                    context.abort(
+                        grpc.StatusCode.INVALID_ARGUMENT,
+                        f"the session uses adapter {first.adapter or 'none'!r}, not {request.adapter!r}",
+                    )
+                yield self._step(request, state, context)
                 self.sessions.touch(session)
                 request = next(requests, None)
         finally:
             self.sessions.close(session)
-            del cache
 
-    def _step(self, request: swarm_pb2.InferenceRequest, cache: Any, start: int, end: int, context: Any) -> Any:
+    def _step(self, request: swarm_pb2.InferenceRequest, state: SessionState, context: Any) -> Any:
         import grpc
 
         _check_version(request.protocol_version, context)
+        cache = state.cache
         hidden = self._hidden(request.hidden, context)
         if hidden.shape[0] != cache.keys.shape[1]:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"batch {hidden.shape[0]} differs from the session's")
@@ -91,12 +110,37 @@ class BlockServicer(swarm_pb2_grpc.BlockServerServicer):
                 f"session holds {cache.length} tokens, {hidden.shape[1]} more exceed its max_length {cache.max_length}",
             )
         begin = time.perf_counter()
-        with self._compute:
-            out = self.span.forward(hidden, start, end, cache)
+        out = self.scheduler.step(state, hidden)
         ms = (time.perf_counter() - begin) * 1e3
         return swarm_pb2.InferenceReply(
-            protocol_version=PROTOCOL_VERSION, hidden=to_proto(out), length=cache.length, compute_ms=ms
+            protocol_version=PROTOCOL_VERSION,
+            hidden=to_proto(out),
+            length=cache.length,
+            compute_ms=ms,
+            batch_size=state.batch_size,
         )
+
+    def _adapter(self, name: str, digest: str, context: Any) -> SpanAdapter | None:
+        """The adapter a request names, in the version it expects; refuses unknown names and old versions."""
+        import grpc
+
+        if not name:
+            if digest:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"adapter_digest {digest!r} given without an adapter")
+            return None
+        adapter = self.adapters.get(name) if self.adapters is not None else None
+        if adapter is None:
+            served = ", ".join(self.adapters.names()) if self.adapters is not None else ""
+            context.abort(
+                grpc.StatusCode.NOT_FOUND, f"adapter {name!r} is not served here (this server has: {served or 'none'})"
+            )
+            return None  # context.abort raises
+        if digest and digest != adapter.digest:
+            context.abort(
+                grpc.StatusCode.ABORTED,
+                f"adapter {name!r} is version {adapter.digest} here, not {digest} (replaced while serving)",
+            )
+        return adapter
 
     def _check_span(self, start: int, end: int, context: Any) -> None:
         import grpc

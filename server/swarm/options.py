@@ -5,11 +5,16 @@ Kept apart from the server so building the CLI imports neither gRPC nor torch.
 
 from __future__ import annotations
 
+import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from fedswarm.common.config import option
+from fedswarm.common.errors import FedswarmError
 from fedswarm.common.model import ModelSpec
+
+ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/:-]{0,127}$")
 
 
 @dataclass(frozen=True)
@@ -26,6 +31,46 @@ class ServeOptions:
     cache_mb: float = option(1024.0, "KV-cache budget over all sessions, MiB")
     max_length: int = option(4096, "longest inference session, tokens")
     session_idle: float = option(60.0, "seconds after which a silent session is closed")
+    max_sessions: int = option(64, "concurrent inference sessions")
+    max_batch: int = option(8, "rows of concurrent sessions' decode steps computed together")
+    batch_wait_ms: float = option(2.0, "longest wait for other sessions' decode steps before computing, ms")
+    adapter_poll: float = option(2.0, "seconds between checks of the adapter folders for new versions and adapters")
+    metrics_port: int | None = option(None, "HTTP port for Prometheus metrics (0: a free one, printed); default: off")
+
+
+@dataclass(frozen=True)
+class AdapterSource:
+    """An unmerged adapter served under ``name``, read (and re-read when it changes) from ``folder``."""
+
+    name: str
+    folder: Path
+
+
+def parse_adapters(values: Sequence[str]) -> tuple[Path | None, tuple[AdapterSource, ...]]:
+    """``--adapter`` values: at most one ``DIR`` to merge into the base, and any number of ``NAME=DIR``.
+
+    Named folders may not exist yet (a federation's first round has not written them): the
+    server watches them. Validation beyond that needs the weights, so it happens at load.
+    """
+    from fedswarm.common.adapter_files import check_adapter_folder
+
+    merged: list[Path] = []
+    named: dict[str, AdapterSource] = {}
+    for value in values:
+        name, sep, folder = value.partition("=")
+        if sep and ADAPTER_NAME.match(name):
+            if name in named:
+                raise FedswarmError(f"--adapter {value!r}: adapter name {name!r} is given twice")
+            if not folder:
+                raise FedswarmError(f"--adapter {value!r}: expected NAME=DIR")
+            named[name] = AdapterSource(name, Path(folder).expanduser())
+        else:
+            merged.append(check_adapter_folder(value))
+    if len(merged) > 1:
+        raise FedswarmError(
+            f"--adapter: {len(merged)} folders to merge, at most one (serve others unmerged as NAME=DIR)"
+        )
+    return (merged[0] if merged else None), tuple(named.values())
 
 
 @dataclass(frozen=True)
@@ -37,4 +82,6 @@ class ServeConfig:
     end: int  # last block (exclusive)
     registries: tuple[str, ...]  # host:port of each registry to announce to
     adapter: Path | None = None  # PEFT adapter folder merged into the span
+    adapters: tuple[AdapterSource, ...] = ()  # unmerged adapters, chosen per request by name
+    adapter_roots: tuple[Path, ...] = ()  # folders whose adapter subfolders are served under their names
     options: ServeOptions = ServeOptions()

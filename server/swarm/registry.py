@@ -21,6 +21,7 @@ log = logging.getLogger("fedswarm.swarm.registry")
 
 MAX_TTL_S = 600.0  # longest time-to-live an announcement may ask for
 MAX_ENTRIES = 10_000  # bounds the registry's memory against a flood of announcements
+MAX_ADAPTERS = 1_000  # unmerged adapters one server may announce
 
 
 class RegistryTable:
@@ -99,6 +100,11 @@ def _invalid(info: swarm_pb2.ServerInfo) -> str:
         return f"block span {info.start}:{info.end} is not inside 0:{info.num_blocks}"
     if not info.throughput > 0:
         return f"throughput {info.throughput} must be positive"
+    names = [adapter.name for adapter in info.adapters]
+    if len(names) > MAX_ADAPTERS:
+        return f"{len(names)} adapters announced, at most {MAX_ADAPTERS}"
+    if "" in names or len(set(names)) != len(names):
+        return "adapter names must be non-empty and unique"
     return ""
 
 

@@ -40,22 +40,37 @@ def start_server(cfg: ServeConfig, security: Security) -> tuple[Any, Any, swarm_
     import torch
 
     from fedswarm.common.device import resolve_device
+    from fedswarm.common.errors import FedswarmError
     from fedswarm.server.swarm.adapter import merge_adapter
+    from fedswarm.server.swarm.adapters import AdapterStore
     from fedswarm.server.swarm.announcer import Announcer
     from fedswarm.server.swarm.blocks import load_span, num_blocks
     from fedswarm.server.swarm.handler import BlockServicer
+    from fedswarm.server.swarm.metrics import ServerMetrics, start_metrics_http
+    from fedswarm.server.swarm.scheduler import BatchScheduler
     from fedswarm.server.swarm.sessions import SessionTable
     from fedswarm.server.swarm.throughput import measure_throughput
 
     opts = cfg.options
+    for name in ("max_sessions", "max_batch"):
+        if getattr(opts, name) < 1:
+            raise FedswarmError(f"--{name.replace('_', '-')} {getattr(opts, name)}: must be >= 1")
     device = resolve_device(opts.device)  # a one-line error before anything loads
     if opts.threads > 0:
         torch.set_num_threads(opts.threads)
     span = load_span(cfg.spec, cfg.start, cfg.end, device)
     adapter = merge_adapter(span, cfg.adapter) if cfg.adapter is not None else ""
+    adapters = AdapterStore(span, cfg.adapters, cfg.adapter_roots)
+    adapters.poll(strict=True)  # a bad adapter folder fails now, in one line; a missing one is watched
     throughput = opts.throughput or measure_throughput(span)
-    sessions = SessionTable(int(opts.cache_mb * 2**20), opts.session_idle)
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=32), interceptors=server_interceptors(security))
+    sessions = SessionTable(int(opts.cache_mb * 2**20), opts.session_idle, max_sessions=opts.max_sessions)
+    scheduler = BatchScheduler(span, opts.max_batch, opts.batch_wait_ms / 1e3, lambda: sessions.count).start()
+    workers = opts.max_sessions + 8  # a thread per open session, and some for Forward and Info
+    metrics = ServerMetrics(adapter)
+    metrics.watch(lambda: sessions.count, lambda: scheduler.queue_depth, lambda: sessions.used_bytes)
+    scheduler.on_batch = metrics.observe_batch
+    interceptors = [metrics.interceptor(), *server_interceptors(security)]  # outermost: refused calls count too
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), interceptors=interceptors)
     port = bind_server(server, opts.host, opts.port, security)
     info = swarm_pb2.ServerInfo(
         address=f"{opts.public_host or opts.host}:{port}",
@@ -66,18 +81,34 @@ def start_server(cfg: ServeConfig, security: Security) -> tuple[Any, Any, swarm_
         adapter_id=adapter,
         num_blocks=num_blocks(cfg.spec),
         version=_version(),
+        adapters=adapters.announced(),
     )
-    swarm_pb2_grpc.add_BlockServerServicer_to_server(BlockServicer(span, info, sessions, opts.max_length), server)
+    servicer = BlockServicer(span, info, sessions, opts.max_length, adapters, scheduler)
+    swarm_pb2_grpc.add_BlockServerServicer_to_server(servicer, server)
     server.start()
+    if opts.metrics_port is not None:
+        metrics_port = start_metrics_http(metrics.registry, opts.host, opts.metrics_port)
+        print(f"metrics on http://{opts.host}:{metrics_port}/metrics", flush=True)
     stop = threading.Event()
     sessions.start_reaper(stop)
     announcer = Announcer(cfg.registries, info, opts.ttl, security)
     announcer.start()
+
+    def reannounce() -> None:
+        fresh = swarm_pb2.ServerInfo()
+        fresh.CopyFrom(servicer.info)
+        del fresh.adapters[:]
+        fresh.adapters.extend(adapters.announced())
+        servicer.info = fresh
+        announcer.update(fresh)
+
+    if cfg.adapters or cfg.adapter_roots:
+        adapters.start_watcher(stop, reannounce, opts.adapter_poll)
     log.info(
-        "serving blocks %d:%d of %s on %s (device %s): %.1f MiB of weights, %.0f block-tokens/s, adapter %s, "
-        "peak RSS %.0f MiB",
+        "serving blocks %d:%d of %s on %s (device %s): %.1f MiB of weights, %.0f block-tokens/s, merged adapter "
+        "%s, unmerged adapters %s, peak RSS %.0f MiB",
         cfg.start, cfg.end, cfg.spec.model_id, info.address, span.device, span.param_bytes() / 2**20, throughput,
-        adapter or "none", peak_rss_mb(),
+        adapter or "none", ", ".join(f"{a.name}={a.digest}" for a in info.adapters) or "none", peak_rss_mb(),
     )  # fmt: skip
     return server, announcer, info, device
 

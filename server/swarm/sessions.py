@@ -1,4 +1,4 @@
-"""Bounds on inference sessions: KV-cache memory and idle time.
+"""Bounds on inference sessions: KV-cache memory, their number, and idle time.
 
 Every session reserves its whole cache before it starts (so the server's memory use has a
 hard ceiling), and a reaper cancels sessions whose client went silent, freeing their cache.
@@ -21,9 +21,12 @@ class SessionLimitError(Exception):
 class SessionTable:
     """Reservations of cache bytes and the last activity of each live session."""
 
-    def __init__(self, cache_budget_bytes: int, idle_timeout_s: float, clock: Any = time.monotonic) -> None:
+    def __init__(
+        self, cache_budget_bytes: int, idle_timeout_s: float, clock: Any = time.monotonic, max_sessions: int = 64
+    ) -> None:
         self.budget = cache_budget_bytes
         self.idle_timeout_s = idle_timeout_s
+        self.max_sessions = max_sessions
         self._clock = clock
         self._lock = threading.Lock()
         self._used = 0
@@ -35,8 +38,16 @@ class SessionTable:
         with self._lock:
             return self._used
 
+    @property
+    def count(self) -> int:
+        """Open sessions."""
+        with self._lock:
+            return len(self._sessions)
+
     def open(self, nbytes: int, context: Any) -> int:
         with self._lock:
+            if len(self._sessions) >= self.max_sessions:
+                raise SessionLimitError(f"{len(self._sessions)} sessions open, the most this server takes")
             if self._used + nbytes > self.budget:
                 raise SessionLimitError(
                     f"KV cache of {nbytes / 2**20:.1f} MiB does not fit: {self._used / 2**20:.1f} of "
