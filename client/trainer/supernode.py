@@ -5,7 +5,9 @@ fixed 3 s before asking again (``start_client_internal``; it also waits for a re
 sleeps). With the ClientApp warm, that sleep is most of a small round's overhead: a node that
 has just replied sleeps through the next round's message. This entry point runs Flower's own
 ``flower-supernode`` unchanged except that those sleeps last at most ``--poll-interval``
-seconds (the SuperLink then sees one request per node per interval while idle).
+seconds (the SuperLink then sees one request per node per interval while idle), and that
+reconnecting to a coordinator that went away backs off to at most ``RECONNECT_MAX_DELAY``
+seconds (Flower's: 20), so a restarted coordinator has its nodes back within seconds.
 
     python -m fedswarm.client.trainer.supernode --poll-interval 0.5 [flower-supernode arguments]
 """
@@ -19,6 +21,7 @@ from types import ModuleType
 from typing import Any
 
 DEFAULT_POLL = 0.5  # seconds
+RECONNECT_MAX_DELAY = 3.0  # seconds: the longest backoff between two tries to reach the coordinator
 
 
 class _ShortSleeps(ModuleType):
@@ -43,10 +46,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = args[2:]
     if not poll > 0:
         raise SystemExit(f"--poll-interval must be > 0 seconds, got {poll}")
+    import flwr.supercore.retry.grpc_retry as grpc_retry
+    import flwr.supercore.retry.http_retry as http_retry
     import flwr.supernode.start_client_internal as loop
     from flwr.supernode.cli import flower_supernode
 
     loop.time = _ShortSleeps(poll)
+    for retry in (grpc_retry, http_retry):  # read when each retry schedule starts (exponential(max_delay=...))
+        setattr(retry, "MAX_RETRY_DELAY", RECONNECT_MAX_DELAY)  # noqa: B010 - Flower's module constant
     sys.argv = ["flower-supernode", *args]
     flower_supernode()
     return 0
