@@ -169,6 +169,8 @@ def test_a_node_dialling_an_address_the_certificate_lacks_is_refused(hosts):
     # the TLS check refused it (the address answers): e.g. "certificate is not valid for '10.77.0.2'"
     why = [line for line in log.splitlines() if "certificate verify failed" in line.lower()]
     assert why and UNCOVERED in why[0], log[-3000:]
+    said = [line for line in log.splitlines() if "error:" in line and "does not trust the coordinator" in line]
+    assert said and "--host" in said[-1] and "registered" not in said[-1], log[-3000:]  # not "key not registered"
     ids = _node_ids(dep.log("coordinator"))
     deadline = time.monotonic() + 120.0
     while any((statuses := _statuses(dep, net)).get(ids[f"n{i}"]) != "online" for i in range(NODES)):

@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 
 LOOPBACK = "127.0.0.1"  # the SuperNode's runtime API is unauthenticated: it never leaves this machine
 WORKER_START_TIMEOUT = 60.0  # seconds for the SuperNode to open its runtime API
+TLS_FAILED = "certificate verify failed"  # the coordinator's certificate does not cover the address dialled
 REFUSED = "Exit Code: 305"  # Flower: the SuperNode could not activate (e.g. its key is not registered)
 
 
@@ -143,6 +144,12 @@ def run_node(args: argparse.Namespace) -> int:
             ).start()
         code = proc.wait()
     echo.join(timeout=5)
+    tls = [line.strip() for line in seen if TLS_FAILED in line.lower()]
+    if tls:  # checked first: Flower then also reports its exit code 305
+        raise FedswarmError(
+            f"this node does not trust the coordinator at {args.coordinator} ({tls[0][-160:]}): dial the name or "
+            "address its certificate was made for (`fedswarm certs --host`), with that CA's ca.crt as --root-cert"
+        )
     if any(REFUSED in line for line in seen):
         raise FedswarmError(
             f"the coordinator at {args.coordinator} refused this node (Flower exit code 305): "
@@ -189,5 +196,5 @@ def keep_worker(procs: Supervisor, supernode: subprocess.Popen, port: int, journ
 def _echo(proc: subprocess.Popen, seen: list[str]) -> None:
     for line in proc.stdout or ():
         print(line, end="", flush=True)
-        if REFUSED in line:
+        if REFUSED in line or TLS_FAILED in line.lower():
             seen.append(line)
