@@ -17,13 +17,13 @@ import torch
 
 
 def main() -> None:
-    from flwr.app import ArrayRecord, Context, Message, RecordDict
+    from flwr.app import Context, Message, RecordDict
     from flwr.supercore.task_identity import TaskIdentity
 
     from fedswarm.client.trainer.app import app
     from fedswarm.common.codecs import codec_for
     from fedswarm.common.config import FederationConfig
-    from fedswarm.common.contract import Reply, arrays_of, number
+    from fedswarm.common.contract import Reply, arrays_of, number, to_record
     from fedswarm.common.memory import peak_rss_mb, rss_mb
     from fedswarm.server.coordinator.round_plan import round_config
 
@@ -47,9 +47,9 @@ def main() -> None:
         arrays = state if state is not None else {}
         content = RecordDict({"config": round_config(cfg, round_no, simulated=True)})
         if arrays:
-            content["arrays"] = ArrayRecord(codec_for(cfg).outgoing(arrays))
-        else:  # round 1: the seeded adapter, as the coordinator sends it
-            content["arrays"] = ArrayRecord(_initial(cfg))
+            content["arrays"] = to_record(codec_for(cfg).outgoing(arrays))
+        else:  # round 1: the seeded adapter, packed, as the coordinator sends it
+            content["arrays"] = to_record(_initial(cfg))
         started = time.perf_counter()
         reply = app(message=Message(content=content, dst_node_id=0, message_type="train"), context=context)
         assert not reply.has_error(), reply.error.reason

@@ -16,6 +16,7 @@ from fedswarm.server.swarm.blocks import block_bytes, load_span
 from fedswarm.server.swarm.registry import RegistryTable
 from fedswarm.server.swarm.sessions import SessionLimitError, SessionTable
 from fedswarm.server.swarm.throughput import measure_throughput
+from tests.swarm_support import make_adapter
 
 CUDA = torch.cuda.is_available()
 IDS = torch.tensor([[504, 3575, 282, 4649, 314, 7042, 30, 198]])
@@ -141,16 +142,7 @@ def test_sub_span_of_a_server_matches_its_full_span():
 
 
 def _random_adapter(folder):
-    from fedswarm.common.lora import attach_lora
-
-    peft_model = attach_lora(load_model("tiny"), rank=4, alpha=8.0, seed=0)
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, param in peft_model.named_parameters():
-            if "lora_B" in name:
-                param.copy_(torch.randn(param.shape, generator=gen) * 0.3)
-    peft_model.save_pretrained(folder)
-    return folder
+    return make_adapter(folder, 0, b_seed=1)
 
 
 def test_merged_adapter_span_matches_peft_model(tmp_path):

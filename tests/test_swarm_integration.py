@@ -31,6 +31,7 @@ from fedswarm.common.model import load_model, parse_model
 from fedswarm.common.processes import Supervisor
 from fedswarm.protos.transport import Security
 from tests.conftest import assert_no_leftovers
+from tests.swarm_support import make_adapter
 
 pytestmark = pytest.mark.integration
 
@@ -169,16 +170,7 @@ def _make_certs(folder: Path) -> tuple[Path, Path, Path]:
 
 
 def _make_adapter(folder: Path) -> Path:
-    from fedswarm.common.lora import attach_lora
-
-    peft_model = attach_lora(load_model("tiny"), rank=4, alpha=8.0, seed=0)
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, param in peft_model.named_parameters():
-            if "lora_B" in name:
-                param.copy_(torch.randn(param.shape, generator=gen) * 0.3)
-    peft_model.save_pretrained(folder)
-    return folder
+    return make_adapter(folder, 0, b_seed=1)
 
 
 @dataclass

@@ -168,19 +168,7 @@ class SpanModel:
             mask = (torch.arange(past + new, device=device).unsqueeze(0) <= rows)[None, None]
         x = hidden.to(device=device, dtype=self.dtype)
         groups = [RowGroup(0, hidden.shape[0], adapter)] if adapter is not None else []
-        with torch.inference_mode(), self._adapted(groups):
-            embeddings = self.rotary(x, positions)
-            for i in range(start - self.start, end - self.start):
-                layer = self.layers[i]
-                if cache is not None:
-                    layer.self_attn.layer_idx = i - (start - self.start)
-                x = layer(
-                    x,
-                    attention_mask=mask,
-                    position_ids=positions,
-                    past_key_values=cache,
-                    position_embeddings=embeddings,
-                )
+        x = self._layers(x, start, end, mask, positions, cache, groups)
         if cache is not None:
             cache.length += new
         return x.to(device=hidden.device, dtype=hidden.dtype)
@@ -224,21 +212,38 @@ class SpanModel:
         positions = lengths.unsqueeze(1)
         mask = (torch.arange(batch_cache.width, device=device).unsqueeze(0) <= positions)[:, None, None, :]
         x = torch.cat([h.to(device=device, dtype=self.dtype) for h in hiddens])
+        x = self._layers(x, start, end, mask, positions, batch_cache, groups)
+        for cache in caches:
+            cache.length += 1
+        return [x[a:b].to(device=h.device, dtype=h.dtype) for (a, b), h in zip(rows, hiddens, strict=True)]
+
+    def _layers(
+        self,
+        x: torch.Tensor,
+        start: int,
+        end: int,
+        mask: torch.Tensor | None,
+        positions: torch.Tensor,
+        cache: SpanCache | BatchCache | None,
+        groups: Sequence[RowGroup],
+    ) -> torch.Tensor:
+        """Blocks [start, end) over ``x`` under ``groups``' adapters; with a cache, each layer reads its own slot."""
+        import torch
+
         with torch.inference_mode(), self._adapted(groups):
             embeddings = self.rotary(x, positions)
             for i in range(start - self.start, end - self.start):
                 layer = self.layers[i]
-                layer.self_attn.layer_idx = i - (start - self.start)
+                if cache is not None:
+                    layer.self_attn.layer_idx = i - (start - self.start)
                 x = layer(
                     x,
                     attention_mask=mask,
                     position_ids=positions,
-                    past_key_values=batch_cache,
+                    past_key_values=cache,
                     position_embeddings=embeddings,
                 )
-        for cache in caches:
-            cache.length += 1
-        return [x[a:b].to(device=h.device, dtype=h.dtype) for (a, b), h in zip(rows, hiddens, strict=True)]
+        return x
 
     def _adapted(self, groups: Sequence[RowGroup]) -> AbstractContextManager[None]:
         if not groups:
