@@ -10,9 +10,11 @@ Memory: a server of blocks 0:15 against one of 0:30 (weights and resident set).
 Continuous batching: aggregate tokens/s of 1, 4 and 8 concurrent greedy streams through the
 same servers, and each stream's median inter-token latency. Adapters: one stream through
 servers applying a random rank-8 LoRA unmerged (``--adapter bench=DIR``, per request) against
-servers with the same adapter merged (``--adapter DIR``, on their own registry).
+servers with the same adapter merged (``--adapter DIR``, on their own registry). Security: one
+stream through the plaintext (``--insecure``) servers against one through the same split served
+with mutual TLS (certificates from ``fedswarm certs``, the token on top), on their own registry.
 
-    .venv/bin/python bench/swarm.py [--tokens 32] [--repeats 3] [--threads 2] [--streams 1,4,8]
+    .venv/bin/python bench/swarm.py [--tokens 32] [--repeats 3] [--threads 2] [--streams 1,4,8] [--no-tls]
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import time
 from pathlib import Path
 
 PROMPT = "The capital of France is"
+INSECURE = ["--insecure"]  # the plaintext swarm; compare_tls starts a mutual-TLS one
 SPLIT = ("0:10", "10:20", "20:30")
 
 
@@ -40,6 +43,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch threads of the client, local model and servers")
     parser.add_argument("--streams", default="1,4,8", help="concurrent stream counts to measure ('' skips)")
     parser.add_argument("--no-adapters", action="store_true", help="skip the unmerged-vs-merged adapter comparison")
+    parser.add_argument("--no-tls", action="store_true", help="skip the mutual-TLS-vs-plaintext comparison")
+    parser.add_argument("--only-tls", action="store_true", help="only the mutual-TLS-vs-plaintext comparison")
     args = parser.parse_args()
 
     # Idle OpenMP threads must not spin while another process of the pipeline computes; the
@@ -52,26 +57,31 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         procs: list[subprocess.Popen] = []
         try:
-            memory = measure_memory(Path(tmp), args.model, env, procs)
+            if args.only_tls:
+                args.no_adapters, args.streams = True, ""
+            memory = {} if args.only_tls else measure_memory(Path(tmp), args.model, env, procs)
             adapter = None if args.no_adapters else make_adapter(Path(tmp) / "adapter", args.model)
             unmerged = [f"--adapter=bench={adapter}"] if adapter else []
-            registry = start(Path(tmp), "reg", ["registry", "--port", str(free_port())], env, procs)
+            registry = start(Path(tmp), "reg", ["registry", "--port", str(free_port()), *INSECURE], env, procs)
             servers = []
             for i, span in enumerate(SPLIT):
-                serve = [*serve_args(registry, args.model, span, args.threads), *unmerged]
+                serve = [*serve_args(registry, args.model, span, args.threads), *unmerged, *INSECURE]
                 servers.append(start(Path(tmp), f"s{i}", serve, env, procs))
             wait_listed(registry, len(servers))
-            report(run(args, registry), memory, args)
+            if not args.only_tls:
+                report(run(args, registry), memory, args)
             counts = [int(n) for n in args.streams.split(",") if n]
             if counts:
                 report_streams(concurrent_streams(args, registry, counts))
             if adapter is not None:
-                merged_registry = start(Path(tmp), "mreg", ["registry", "--port", str(free_port())], env, procs)
+                mreg = start(Path(tmp), "mreg", ["registry", "--port", str(free_port()), *INSECURE], env, procs)
                 for i, span in enumerate(SPLIT):
-                    merged = [*serve_args(merged_registry, args.model, span, args.threads), f"--adapter={adapter}"]
+                    merged = [*serve_args(mreg, args.model, span, args.threads), f"--adapter={adapter}", *INSECURE]
                     start(Path(tmp), f"m{i}", merged, env, procs)
-                wait_listed(merged_registry, len(SPLIT))
-                report_adapters(compare_adapters(args, registry, merged_registry))
+                wait_listed(mreg, len(SPLIT))
+                report_adapters(compare_adapters(args, registry, mreg))
+            if not args.no_tls:
+                report_tls(compare_tls(args, Path(tmp), registry, env, procs))
         finally:
             stop(procs)
 
@@ -161,6 +171,38 @@ def concurrent_streams(args: argparse.Namespace, registry: str, counts: list[int
 def compare_adapters(args: argparse.Namespace, registry: str, merged_registry: str) -> dict[str, float]:
     """Median seconds per token of one stream with the adapter unmerged (per request) and merged; same tokens."""
     from fedswarm.client.swarm.client import SwarmClient
+
+    clients = {"unmerged": SwarmClient([registry], adapter="bench"), "merged": SwarmClient([merged_registry])}
+    return compare_streams(args, clients)
+
+
+def compare_tls(args: argparse.Namespace, folder: Path, registry: str, env: dict, procs: list) -> dict[str, float]:
+    """The same split served with mutual TLS and the token (certificates from `fedswarm certs`) against the
+    plaintext servers: median seconds per token of one stream each, interleaved; same tokens."""
+    from fedswarm.client.swarm.client import SwarmClient
+    from fedswarm.protos.transport import Security
+    from fedswarm.server.coordinator.tls import issue_certificate, make_certificates
+
+    certs = folder / "certs"
+    make_certificates(certs, ["127.0.0.1"])
+    for kind, name, hosts in (("server", "registry", ["127.0.0.1"]), ("server", "blocks", ["127.0.0.1"])):
+        issue_certificate(certs, kind, name, hosts)
+    issue_certificate(certs, "client", "app", [])
+
+    def tls(name: str) -> list[str]:
+        return ["--tls-ca", f"{certs}/ca.crt", "--tls-cert", f"{certs}/{name}.pem", "--tls-key", f"{certs}/{name}.key"]
+
+    tls_env = {**env, "FEDSWARM_SWARM_TOKEN": "bench-token"}
+    treg = start(folder, "treg", ["registry", "--port", str(free_port()), *tls("registry")], tls_env, procs)
+    for i, span in enumerate(SPLIT):
+        start(folder, f"t{i}", [*serve_args(treg, args.model, span, args.threads), *tls("blocks")], tls_env, procs)
+    app = Security("bench-token", certs / "ca.crt", certs / "app.pem", certs / "app.key")
+    wait_listed(treg, len(SPLIT), app)
+    return compare_streams(args, {"plaintext": SwarmClient([registry]), "mutual TLS": SwarmClient([treg], app)})
+
+
+def compare_streams(args: argparse.Namespace, clients: dict) -> dict[str, float]:
+    """Median seconds per token of one stream through each client's swarm, interleaved; the tokens must agree."""
     from fedswarm.client.swarm.head import load_head
     from fedswarm.client.swarm.model import SwarmModel
     from fedswarm.common.model import load_tokenizer, parse_model
@@ -168,7 +210,6 @@ def compare_adapters(args: argparse.Namespace, registry: str, merged_registry: s
     spec = parse_model(args.model)
     ids = load_tokenizer(spec)(PROMPT, add_special_tokens=False)["input_ids"]
     head = load_head(spec)
-    clients = {"unmerged": SwarmClient([registry], adapter="bench"), "merged": SwarmClient([merged_registry])}
     models = {name: SwarmModel(client, head) for name, client in clients.items()}
     times: dict[str, list[float]] = {name: [] for name in models}
     try:
@@ -180,8 +221,8 @@ def compare_adapters(args: argparse.Namespace, registry: str, merged_registry: s
                 result = model.generate(ids, args.tokens)
                 times[name].append(statistics.median(result.step_s[1:]))
                 tokens[name] = result.tokens
-            if tokens["unmerged"] != tokens["merged"]:
-                raise SystemExit(f"unmerged tokens {tokens['unmerged']} differ from merged {tokens['merged']}")
+            if len({tuple(t) for t in tokens.values()}) != 1:
+                raise SystemExit(f"the swarms disagree on the tokens: {tokens}")
     finally:
         for client in clients.values():
             client.close()
@@ -240,11 +281,11 @@ def span_greedy(span, head, ids: list[int], steps: int, medians: list[float]) ->
 
 def measure_memory(folder: Path, model: str, env: dict, procs: list) -> dict[str, tuple[float, float]]:
     """Weights (MiB, from the server's log) and resident set (MiB) of a half-span and a full-span server."""
-    registry = start(folder, "memreg", ["registry", "--port", str(free_port())], env, procs)
+    registry = start(folder, "memreg", ["registry", "--port", str(free_port()), *INSECURE], env, procs)
     out = {}
     for name, span in (("half 0:15", "0:15"), ("full 0:30", "0:30")):
         log_name = f"mem{span.replace(':', '_')}"
-        start(folder, log_name, serve_args(registry, model, span, 1), env, procs)
+        start(folder, log_name, [*serve_args(registry, model, span, 1), *INSECURE], env, procs)
         proc = procs[-1]
         text = (folder / f"{log_name}.log").read_text()
         weights = float(re.search(r"([\d.]+) MiB of weights", text).group(1))
@@ -273,11 +314,11 @@ def start(folder: Path, name: str, args: list[str], env: dict, procs: list) -> s
     return match.group(1)
 
 
-def wait_listed(registry: str, count: int) -> None:
+def wait_listed(registry: str, count: int, security: object = None) -> None:
     from fedswarm.client.swarm.discovery import list_servers
     from fedswarm.protos.transport import Security
 
-    while len(list_servers([registry], Security())) < count:
+    while len(list_servers([registry], security or Security())) < count:  # type: ignore[arg-type]
         time.sleep(0.2)
 
 
@@ -332,6 +373,13 @@ def report_streams(streams: dict[int, tuple[float, float]]) -> None:
             f"inter-token {latency * 1e3:.1f} ms ({latency / one_latency:.2f}x one stream's)"
         )
     print("goal: 8 streams >= 4x one stream's tokens/s, each stream's inter-token latency <= 2x")
+
+
+def report_tls(times: dict[str, float]) -> None:
+    plain, secure = times["plaintext"], times["mutual TLS"]
+    print(f"swarm, --insecure       : {1 / plain:7.1f} tokens/s ({plain * 1e3:.1f} ms/token)")
+    print(f"swarm, mutual TLS+token : {1 / secure:7.1f} tokens/s ({secure * 1e3:.1f} ms/token)")
+    print(f"ratio mutual TLS/plaintext: {plain / secure:.2f} (goal >= 0.95)")
 
 
 def report_adapters(times: dict[str, float]) -> None:

@@ -4,6 +4,9 @@ The registry and block-server commands are in ``fedswarm.server.swarm.cli``, the
 and scoring commands in ``fedswarm.client.swarm.cli``, the HTTP API in ``fedswarm.client.swarm.api_cli``;
 all add themselves to this group and build their options on the security options defined here
 (roles meet only through ``common/`` and the wire).
+
+Every swarm process is secure by default: mutual TLS with certificates from the federation's CA
+(``fedswarm certs --issue server|client``), or ``--insecure`` (plaintext, warned) on a trusted machine.
 """
 
 from __future__ import annotations
@@ -12,26 +15,26 @@ import argparse
 import importlib
 from dataclasses import dataclass
 
-from fedswarm.common.options import option
+from fedswarm.common.options import flag, option
 
-SECURITY_HELP = "shared swarm token (default: $FEDSWARM_SWARM_TOKEN; empty disables the check)"
 ROLE_COMMANDS = ("fedswarm.server.swarm.cli", "fedswarm.client.swarm.cli", "fedswarm.client.swarm.api_cli")
 
 
 @dataclass(frozen=True, kw_only=True)
 class SwarmSecurity:
-    """What every swarm process checks: the shared token, and the CA its peers' certificates come from."""
+    """What every swarm process presents and checks: its certificate, the federation's CA, the token."""
 
-    token: str | None = option(None, SECURITY_HELP)
-    tls_ca: str | None = option(None, "CA certificate (PEM) that signed the swarm's server certificates")
-
-
-@dataclass(frozen=True, kw_only=True)
-class SwarmServerSecurity(SwarmSecurity):
-    """A server's own certificate and key, besides what every swarm process checks."""
-
-    tls_cert: str | None = option(None, "this server's certificate chain (PEM); enables TLS")
-    tls_key: str | None = option(None, "this server's private key (PEM)")
+    tls_ca: str | None = option(None, "the federation's CA certificate (PEM): every peer's must be signed by it")
+    tls_cert: str | None = option(
+        None,
+        "this process's certificate (PEM) from `fedswarm certs --issue`: a server's names the address it "
+        "announces, a client's identifies it to the servers",
+    )
+    tls_key: str | None = option(None, "the private key (PEM) of --tls-cert")
+    token: str | None = option(
+        None, "shared swarm token, checked on top of the certificates (default: $FEDSWARM_SWARM_TOKEN; empty: none)"
+    )
+    insecure: bool = flag("plaintext, no certificates: anyone who reaches the swarm can read and join it")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -46,6 +49,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def security_of(args: argparse.Namespace) -> object:
+    """The process's ``Security``; a one-line error (exit 2) without TLS files and without ``--insecure``."""
     from fedswarm.protos.transport import security_from_args
 
-    return security_from_args(args.token, args.tls_ca, getattr(args, "tls_cert", None), getattr(args, "tls_key", None))
+    return security_from_args(args.token, args.tls_ca, args.tls_cert, args.tls_key, insecure=args.insecure)

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0bswarm.proto\x12\x0e\x66\x65\x64swarm.swarm\"4\n\x06Tensor\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\"+\n\x0b\x41\x64\x61pterInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06\x64igest\x18\x02 \x01(\t\"\xdd\x01\n\nServerInfo\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x10\n\x08model_id\x18\x02 \x01(\t\x12\r\n\x05start\x18\x03 \x01(\x05\x12\x0b\n\x03\x65nd\x18\x04 \x01(\x05\x12\x12\n\nthroughput\x18\x05 \x01(\x01\x12\x12\n\nadapter_id\x18\x06 \x01(\t\x12\x12\n\nnum_blocks\x18\x07 \x01(\x05\x12\x14\n\x0c\x65xpires_in_s\x18\x08 \x01(\x01\x12\x0f\n\x07version\x18\t \x01(\t\x12-\n\x08\x61\x64\x61pters\x18\n \x03(\x0b\x32\x1b.fedswarm.swarm.AdapterInfo\"f\n\x0f\x41nnounceRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12*\n\x06server\x18\x02 \x01(\x0b\x32\x1a.fedswarm.swarm.ServerInfo\x12\r\n\x05ttl_s\x18\x03 \x01(\x01\")\n\rAnnounceReply\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\"9\n\x0bListRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x10\n\x08model_id\x18\x02 \x01(\t\"R\n\tListReply\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12+\n\x07servers\x18\x02 \x03(\x0b\x32\x1a.fedswarm.swarm.ServerInfo\"\x97\x01\n\x0e\x46orwardRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\r\n\x05start\x18\x02 \x01(\x05\x12\x0b\n\x03\x65nd\x18\x03 \x01(\x05\x12&\n\x06hidden\x18\x04 \x01(\x0b\x32\x16.fedswarm.swarm.Tensor\x12\x0f\n\x07\x61\x64\x61pter\x18\x05 \x01(\t\x12\x16\n\x0e\x61\x64\x61pter_digest\x18\x06 \x01(\t\"d\n\x0c\x46orwardReply\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12&\n\x06hidden\x18\x02 \x01(\x0b\x32\x16.fedswarm.swarm.Tensor\x12\x12\n\ncompute_ms\x18\x03 \x01(\x01\"\xc1\x01\n\x10InferenceRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\r\n\x05start\x18\x02 \x01(\x05\x12\x0b\n\x03\x65nd\x18\x03 \x01(\x05\x12\x12\n\nmax_length\x18\x04 \x01(\x05\x12&\n\x06hidden\x18\x05 \x01(\x0b\x32\x16.fedswarm.swarm.Tensor\x12\x12\n\nsession_id\x18\x06 \x01(\t\x12\x0f\n\x07\x61\x64\x61pter\x18\x07 \x01(\t\x12\x16\n\x0e\x61\x64\x61pter_digest\x18\x08 \x01(\t\"\x8a\x01\n\x0eInferenceReply\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12&\n\x06hidden\x18\x02 \x01(\x0b\x32\x16.fedswarm.swarm.Tensor\x12\x0e\n\x06length\x18\x03 \x01(\x05\x12\x12\n\ncompute_ms\x18\x04 \x01(\x01\x12\x12\n\nbatch_size\x18\x05 \x01(\x05\"\'\n\x0bInfoRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r2\x96\x01\n\x08Registry\x12J\n\x08\x41nnounce\x12\x1f.fedswarm.swarm.AnnounceRequest\x1a\x1d.fedswarm.swarm.AnnounceReply\x12>\n\x04List\x12\x1b.fedswarm.swarm.ListRequest\x1a\x19.fedswarm.swarm.ListReply2\xea\x01\n\x0b\x42lockServer\x12?\n\x04Info\x12\x1b.fedswarm.swarm.InfoRequest\x1a\x1a.fedswarm.swarm.ServerInfo\x12G\n\x07\x46orward\x12\x1e.fedswarm.swarm.ForwardRequest\x1a\x1c.fedswarm.swarm.ForwardReply\x12Q\n\tInference\x12 .fedswarm.swarm.InferenceRequest\x1a\x1e.fedswarm.swarm.InferenceReply(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0bswarm.proto\x12\x0e\x66\x65\x64swarm.swarm\"4\n\x06Tensor\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\"+\n\x0b\x41\x64\x61pterInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06\x64igest\x18\x02 \x01(\t\"\x86\x02\n\nServerInfo\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x10\n\x08model_id\x18\x02 \x01(\t\x12\r\n\x05start\x18\x03 \x01(\x05\x12\x0b\n\x03\x65nd\x18\x04 \x01(\x05\x12\x12\n\nthroughput\x18\x05 \x01(\x01\x12\x12\n\nadapter_id\x18\x06 \x01(\t\x12\x12\n\nnum_blocks\x18\x07 \x01(\x05\x12\x14\n\x0c\x65xpires_in_s\x18\x08 \x01(\x01\x12\x0f\n\x07version\x18\t \x01(\t\x12-\n\x08\x61\x64\x61pters\x18\n \x03(\x0b\x32\x1b.fedswarm.swarm.AdapterInfo\x12\x10\n\x08identity\x18\x0b \x01(\t\x12\x15\n\ridentity_name\x18\x0c \x01(\t\"f\n\x0f\x41nnounceRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12*\n\x06server\x18\x02 \x01(\x0b\x32\x1a.fedswarm.swarm.ServerInfo\x12\r\n\x05ttl_s\x18\x03 \x01(\x01\")\n\rAnnounceReply\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\"9\n\x0bListRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x10\n\x08model_id\x18\x02 \x01(\t\"R\n\tListReply\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12+\n\x07servers\x18\x02 \x03(\x0b\x32\x1a.fedswarm.swarm.ServerInfo\"\x97\x01\n\x0e\x46orwardRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\r\n\x05start\x18\x02 \x01(\x05\x12\x0b\n\x03\x65nd\x18\x03 \x01(\x05\x12&\n\x06hidden\x18\x04 \x01(\x0b\x32\x16.fedswarm.swarm.Tensor\x12\x0f\n\x07\x61\x64\x61pter\x18\x05 \x01(\t\x12\x16\n\x0e\x61\x64\x61pter_digest\x18\x06 \x01(\t\"d\n\x0c\x46orwardReply\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12&\n\x06hidden\x18\x02 \x01(\x0b\x32\x16.fedswarm.swarm.Tensor\x12\x12\n\ncompute_ms\x18\x03 \x01(\x01\"\xc1\x01\n\x10InferenceRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\r\n\x05start\x18\x02 \x01(\x05\x12\x0b\n\x03\x65nd\x18\x03 \x01(\x05\x12\x12\n\nmax_length\x18\x04 \x01(\x05\x12&\n\x06hidden\x18\x05 \x01(\x0b\x32\x16.fedswarm.swarm.Tensor\x12\x12\n\nsession_id\x18\x06 \x01(\t\x12\x0f\n\x07\x61\x64\x61pter\x18\x07 \x01(\t\x12\x16\n\x0e\x61\x64\x61pter_digest\x18\x08 \x01(\t\"\x8a\x01\n\x0eInferenceReply\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12&\n\x06hidden\x18\x02 \x01(\x0b\x32\x16.fedswarm.swarm.Tensor\x12\x0e\n\x06length\x18\x03 \x01(\x05\x12\x12\n\ncompute_ms\x18\x04 \x01(\x01\x12\x12\n\nbatch_size\x18\x05 \x01(\x05\"\'\n\x0bInfoRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r2\x96\x01\n\x08Registry\x12J\n\x08\x41nnounce\x12\x1f.fedswarm.swarm.AnnounceRequest\x1a\x1d.fedswarm.swarm.AnnounceReply\x12>\n\x04List\x12\x1b.fedswarm.swarm.ListRequest\x1a\x19.fedswarm.swarm.ListReply2\xea\x01\n\x0b\x42lockServer\x12?\n\x04Info\x12\x1b.fedswarm.swarm.InfoRequest\x1a\x1a.fedswarm.swarm.ServerInfo\x12G\n\x07\x46orward\x12\x1e.fedswarm.swarm.ForwardRequest\x1a\x1c.fedswarm.swarm.ForwardReply\x12Q\n\tInference\x12 .fedswarm.swarm.InferenceRequest\x1a\x1e.fedswarm.swarm.InferenceReply(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,27 +36,27 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ADAPTERINFO']._serialized_start=85
   _globals['_ADAPTERINFO']._serialized_end=128
   _globals['_SERVERINFO']._serialized_start=131
-  _globals['_SERVERINFO']._serialized_end=352
-  _globals['_ANNOUNCEREQUEST']._serialized_start=354
-  _globals['_ANNOUNCEREQUEST']._serialized_end=456
-  _globals['_ANNOUNCEREPLY']._serialized_start=458
-  _globals['_ANNOUNCEREPLY']._serialized_end=499
-  _globals['_LISTREQUEST']._serialized_start=501
-  _globals['_LISTREQUEST']._serialized_end=558
-  _globals['_LISTREPLY']._serialized_start=560
-  _globals['_LISTREPLY']._serialized_end=642
-  _globals['_FORWARDREQUEST']._serialized_start=645
-  _globals['_FORWARDREQUEST']._serialized_end=796
-  _globals['_FORWARDREPLY']._serialized_start=798
-  _globals['_FORWARDREPLY']._serialized_end=898
-  _globals['_INFERENCEREQUEST']._serialized_start=901
-  _globals['_INFERENCEREQUEST']._serialized_end=1094
-  _globals['_INFERENCEREPLY']._serialized_start=1097
-  _globals['_INFERENCEREPLY']._serialized_end=1235
-  _globals['_INFOREQUEST']._serialized_start=1237
-  _globals['_INFOREQUEST']._serialized_end=1276
-  _globals['_REGISTRY']._serialized_start=1279
-  _globals['_REGISTRY']._serialized_end=1429
-  _globals['_BLOCKSERVER']._serialized_start=1432
-  _globals['_BLOCKSERVER']._serialized_end=1666
+  _globals['_SERVERINFO']._serialized_end=393
+  _globals['_ANNOUNCEREQUEST']._serialized_start=395
+  _globals['_ANNOUNCEREQUEST']._serialized_end=497
+  _globals['_ANNOUNCEREPLY']._serialized_start=499
+  _globals['_ANNOUNCEREPLY']._serialized_end=540
+  _globals['_LISTREQUEST']._serialized_start=542
+  _globals['_LISTREQUEST']._serialized_end=599
+  _globals['_LISTREPLY']._serialized_start=601
+  _globals['_LISTREPLY']._serialized_end=683
+  _globals['_FORWARDREQUEST']._serialized_start=686
+  _globals['_FORWARDREQUEST']._serialized_end=837
+  _globals['_FORWARDREPLY']._serialized_start=839
+  _globals['_FORWARDREPLY']._serialized_end=939
+  _globals['_INFERENCEREQUEST']._serialized_start=942
+  _globals['_INFERENCEREQUEST']._serialized_end=1135
+  _globals['_INFERENCEREPLY']._serialized_start=1138
+  _globals['_INFERENCEREPLY']._serialized_end=1276
+  _globals['_INFOREQUEST']._serialized_start=1278
+  _globals['_INFOREQUEST']._serialized_end=1317
+  _globals['_REGISTRY']._serialized_start=1320
+  _globals['_REGISTRY']._serialized_end=1470
+  _globals['_BLOCKSERVER']._serialized_start=1473
+  _globals['_BLOCKSERVER']._serialized_end=1707
 # @@protoc_insertion_point(module_scope)

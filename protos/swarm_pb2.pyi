@@ -25,7 +25,7 @@ class AdapterInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., digest: _Optional[str] = ...) -> None: ...
 
 class ServerInfo(_message.Message):
-    __slots__ = ("address", "model_id", "start", "end", "throughput", "adapter_id", "num_blocks", "expires_in_s", "version", "adapters")
+    __slots__ = ("address", "model_id", "start", "end", "throughput", "adapter_id", "num_blocks", "expires_in_s", "version", "adapters", "identity", "identity_name")
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     START_FIELD_NUMBER: _ClassVar[int]
@@ -36,6 +36,8 @@ class ServerInfo(_message.Message):
     EXPIRES_IN_S_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     ADAPTERS_FIELD_NUMBER: _ClassVar[int]
+    IDENTITY_FIELD_NUMBER: _ClassVar[int]
+    IDENTITY_NAME_FIELD_NUMBER: _ClassVar[int]
     address: str
     model_id: str
     start: int
@@ -46,7 +48,9 @@ class ServerInfo(_message.Message):
     expires_in_s: float
     version: str
     adapters: _containers.RepeatedCompositeFieldContainer[AdapterInfo]
-    def __init__(self, address: _Optional[str] = ..., model_id: _Optional[str] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., throughput: _Optional[float] = ..., adapter_id: _Optional[str] = ..., num_blocks: _Optional[int] = ..., expires_in_s: _Optional[float] = ..., version: _Optional[str] = ..., adapters: _Optional[_Iterable[_Union[AdapterInfo, _Mapping]]] = ...) -> None: ...
+    identity: str
+    identity_name: str
+    def __init__(self, address: _Optional[str] = ..., model_id: _Optional[str] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., throughput: _Optional[float] = ..., adapter_id: _Optional[str] = ..., num_blocks: _Optional[int] = ..., expires_in_s: _Optional[float] = ..., version: _Optional[str] = ..., adapters: _Optional[_Iterable[_Union[AdapterInfo, _Mapping]]] = ..., identity: _Optional[str] = ..., identity_name: _Optional[str] = ...) -> None: ...
 
 class AnnounceRequest(_message.Message):
     __slots__ = ("protocol_version", "server", "ttl_s")

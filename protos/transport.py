@@ -1,13 +1,16 @@
-"""Connections of the swarm: TLS when certificates are given, and the shared swarm token.
+"""Connections of the swarm: mutual TLS with the federation's CA, and the optional shared token.
 
-The token travels as call metadata on every RPC (registry and block servers alike); the
-servers check it with a constant-time comparison before any handler runs. Without TLS the
-token crosses the network in clear text, so use both outside a trusted network.
+Secure is the default: every swarm process has a certificate issued by the federation's CA and
+every connection is mutual TLS (a server accepts only peers whose certificate the CA signed, a
+client checks the server's certificate against the CA and the address it dials). The token, when
+set, travels as call metadata and is checked on top (constant-time) before any handler runs.
+``insecure`` is plaintext without either check, for a trusted machine only.
 """
 
 from __future__ import annotations
 
 import hmac
+import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -15,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from fedswarm.common.errors import FedswarmError
+
+log = logging.getLogger("fedswarm.swarm")
 
 TOKEN_METADATA_KEY = "x-fedswarm-token"
 TOKEN_ENV = "FEDSWARM_SWARM_TOKEN"
@@ -27,50 +32,106 @@ CHANNEL_OPTIONS = [
 
 @dataclass(frozen=True)
 class Security:
-    """What every swarm connection of a process uses: a token and optional TLS files."""
+    """What every swarm connection of a process uses: its certificate, the CA, the token.
+
+    Without ``tls_ca`` the connections are plaintext: the CLI allows that only with ``--insecure``.
+    """
 
     token: str = ""  # shared swarm token; "" disables the check
-    tls_ca: Path | None = None  # clients: CA that signed the servers' certificates
-    tls_cert: Path | None = None  # servers: certificate chain (PEM)
-    tls_key: Path | None = None  # servers: private key (PEM)
+    tls_ca: Path | None = None  # the federation's CA: peers' certificates must be signed by it
+    tls_cert: Path | None = None  # this process's certificate (PEM): server side and client side alike
+    tls_key: Path | None = None  # its private key (PEM)
+    insecure: bool = False  # chosen plaintext (recorded for logs)
 
     def metadata(self) -> tuple[tuple[str, str], ...]:
         return ((TOKEN_METADATA_KEY, self.token),) if self.token else ()
 
 
-def security_from_args(token: str | None, tls_ca: str | None, tls_cert: str | None, tls_key: str | None) -> Security:
-    """Validate the CLI's security options; the token falls back to $FEDSWARM_SWARM_TOKEN."""
-    if (tls_cert is None) != (tls_key is None):
-        raise FedswarmError("--tls-cert and --tls-key go together: give both or neither")
+def security_from_args(
+    token: str | None, tls_ca: str | None, tls_cert: str | None, tls_key: str | None, insecure: bool = False
+) -> Security:
+    """Validate the CLI's security options; the token falls back to $FEDSWARM_SWARM_TOKEN.
+
+    Mutual TLS needs all three files; ``insecure`` none of them. Anything else is a one-line error.
+    """
+    token = token if token is not None else os.environ.get(TOKEN_ENV, "")
     paths = {"--tls-ca": tls_ca, "--tls-cert": tls_cert, "--tls-key": tls_key}
+    given = [flag for flag, value in paths.items() if value]
+    if insecure:
+        if given:
+            raise FedswarmError(f"--insecure and {', '.join(given)} exclude each other: drop one")
+        log.warning("--insecure: plaintext, no certificates; anyone who reaches the swarm can read prompts and join it")
+        return Security(token=token, insecure=True)
+    if len(given) < len(paths):
+        missing = ", ".join(flag for flag in paths if flag not in given)
+        raise FedswarmError(
+            f"TLS is required: missing {missing} (issue certificates with `fedswarm certs --issue`), "
+            "or --insecure on a trusted machine"
+        )
     for flag, value in paths.items():
-        if value is not None and not Path(value).is_file():
+        if not Path(str(value)).is_file():
             raise FedswarmError(f"{flag} {value!r}: no such file")
-    return Security(
-        token=token if token is not None else os.environ.get(TOKEN_ENV, ""),
-        tls_ca=Path(tls_ca) if tls_ca else None,
-        tls_cert=Path(tls_cert) if tls_cert else None,
-        tls_key=Path(tls_key) if tls_key else None,
-    )
+    security = Security(token=token, tls_ca=Path(str(tls_ca)), tls_cert=Path(str(tls_cert)), tls_key=Path(str(tls_key)))
+    check_certificate(security)
+    return security
+
+
+def check_certificate(security: Security) -> None:
+    """One-line errors, before anything listens or dials, for files the handshake would refuse later."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    assert security.tls_ca and security.tls_cert and security.tls_key
+    try:
+        ca = x509.load_pem_x509_certificate(security.tls_ca.read_bytes())
+    except ValueError:
+        raise FedswarmError(f"--tls-ca {security.tls_ca}: not a PEM certificate") from None
+    try:
+        cert = x509.load_pem_x509_certificate(security.tls_cert.read_bytes())
+    except ValueError:
+        raise FedswarmError(f"--tls-cert {security.tls_cert}: not a PEM certificate") from None
+    try:
+        key = serialization.load_pem_private_key(security.tls_key.read_bytes(), password=None)
+    except (ValueError, TypeError):
+        raise FedswarmError(f"--tls-key {security.tls_key}: not an unencrypted PEM private key") from None
+    try:
+        cert.verify_directly_issued_by(ca)
+    except (ValueError, TypeError, Exception) as exc:  # noqa: BLE001 (InvalidSignature and friends)
+        raise FedswarmError(
+            f"--tls-cert {security.tls_cert} was not issued by --tls-ca {security.tls_ca} ({type(exc).__name__})"
+        ) from None
+    if cert.public_key().public_numbers() != key.public_key().public_numbers():  # type: ignore[union-attr]
+        raise FedswarmError(f"--tls-key {security.tls_key} is not the key of --tls-cert {security.tls_cert}")
 
 
 def open_channel(address: str, security: Security) -> Any:
-    """A channel to a swarm peer: TLS if a CA is configured, plaintext otherwise."""
+    """A channel to a swarm peer: mutual TLS if a CA is configured (the server's certificate must be
+    signed by it and name ``address``'s host), plaintext otherwise."""
     import grpc
 
     if security.tls_ca is not None:
-        creds = grpc.ssl_channel_credentials(root_certificates=security.tls_ca.read_bytes())
+        creds = grpc.ssl_channel_credentials(
+            root_certificates=security.tls_ca.read_bytes(),
+            private_key=security.tls_key.read_bytes() if security.tls_key else None,
+            certificate_chain=security.tls_cert.read_bytes() if security.tls_cert else None,
+        )
         return grpc.secure_channel(address, creds, options=CHANNEL_OPTIONS)
     return grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
 
 
 def bind_server(server: Any, host: str, port: int, security: Security) -> int:
-    """Listen on ``host:port`` (0 picks a free port), with TLS when a certificate is configured."""
+    """Listen on ``host:port`` (0 picks a free port): mutual TLS when a certificate is configured
+    (peers must present a certificate the CA signed), plaintext otherwise."""
     import grpc
 
     address = f"{host}:{port}"
     if security.tls_cert is not None and security.tls_key is not None:
-        creds = grpc.ssl_server_credentials([(security.tls_key.read_bytes(), security.tls_cert.read_bytes())])
+        ca = security.tls_ca.read_bytes() if security.tls_ca else None
+        creds = grpc.ssl_server_credentials(
+            [(security.tls_key.read_bytes(), security.tls_cert.read_bytes())],
+            root_certificates=ca,
+            require_client_auth=ca is not None,
+        )
         bound = server.add_secure_port(address, creds)
     else:
         bound = server.add_insecure_port(address)

@@ -57,9 +57,10 @@ def swarm(tmp_path_factory):
     root.mkdir()
     try:
         port = _free_port()
-        procs.fork("reg", "registry", "--port", str(port))
+        procs.fork("reg", "registry", "--port", str(port), "--insecure")
         procs.addresses["reg"] = f"127.0.0.1:{port}"
         common = ["--registry", procs.addresses["reg"], "--model", "tiny", "--threads", "1", "--ttl", "30"]
+        common.append("--insecure")  # the secure swarm is tested in test_swarm_integration
         common += [f"--adapter=a1={folders['a1']}", f"--adapter=a2={folders['a2']}", "--adapter-poll", "0.3"]
         common += ["--batch-wait-ms", "20", "--adapter-dir", str(root)]
         for name, blocks in (("s1", "0:2"), ("s2", "2:4")):

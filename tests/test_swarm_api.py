@@ -57,15 +57,16 @@ def api(tmp_path_factory):
     procs = Procs(folder)
     try:
         port = _free_port()
-        procs.start("reg", "registry", "--port", str(port))
+        procs.start("reg", "registry", "--port", str(port), "--insecure")
         registry = f"127.0.0.1:{port}"
         common = ["--registry", registry, "--model", "tiny", "--threads", "1", "--ttl", "30", "--metrics-port", "0"]
+        common.append("--insecure")  # the secure swarm is tested in test_swarm_integration
         common += ["--adapter", f"alpha={make_adapter(folder / 'alpha', seed=1)}"]
         procs.fork("a", "serve", *common, "--blocks", "0:2")
         procs.fork("b", "serve", *common, "--blocks", "2:4")
         procs.fork("c", "serve", *common, "--blocks", "2:4", "--throughput", "1e9", "--ttl", "3")  # preferred to b
         procs.wait_ready("reg")
-        procs.fork("api", "api", "--registry", registry, "--port", "0", "--threads", "1")
+        procs.fork("api", "api", "--registry", registry, "--port", "0", "--threads", "1", "--insecure")
         procs.wait_ready("a", "b", "c", "api")
         metrics = {name: _metrics_url(folder / f"{name}.log") for name in ("a", "b", "c", "api")}
         swarm = ApiSwarm(procs, registry, procs.addresses["api"], metrics)
@@ -142,7 +143,7 @@ def test_greedy_completion_equals_the_local_model_and_the_cli(api, tiny, tokeniz
     assert (reply.usage.prompt_tokens, reply.usage.completion_tokens) == (len(PROMPT), len(tokens))
 
     out, err = tmp_path / "generate.out", tmp_path / "generate.err"
-    argv = ["swarm", "generate", "--registry", api.registry, "--threads", "1", tokenizer.decode(PROMPT)]
+    argv = ["swarm", "generate", "--registry", api.registry, "--threads", "1", "--insecure", tokenizer.decode(PROMPT)]
     run = _FORKSERVER.Process(target=_run_cli, args=(str(out), [*argv, "--max-new-tokens", "12"], str(err)))
     run.start()
     api.procs.sup.adopt("generate", run.pid)

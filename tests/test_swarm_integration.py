@@ -1,15 +1,17 @@
-"""A real swarm on 127.0.0.1: registries and block servers as separate processes, TLS and a token.
+"""A real swarm on 127.0.0.1: registries and block servers as separate processes, mutual TLS and a token.
 
 Layout (tiny model, 4 blocks), all processes started at once to share the start-up cost:
   reg1: a[0:2] b[2:3] c[3:4] (base)  +  p1[0:1] p2[1:3] p3[3:4] (with a LoRA adapter)
+        x: a server whose certificate names 127.0.0.2, not the 127.0.0.1 it announces: refused
   reg2: a b c  +  v[2:4] (announces a huge throughput, so routes go a -> v; killed mid-generation)
   reg3: a  +  w[2:4] (no replica; killed mid-generation)
+  reg4 (--deny-file): a b c  +  d[2:4] (its own certificate, a huge throughput; denied mid-generation)
+Certificates come from `fedswarm certs`: one CA; the registries share certificate "registry", the
+servers "blocks" (d has its own, x one for 127.0.0.2); clients use the client certificate "app".
 """
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
 import multiprocessing
 import os
 import re
@@ -19,6 +21,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import grpc
 import pytest
 import torch
 
@@ -29,6 +32,7 @@ from fedswarm.client.swarm.routing import NoRouteError
 from fedswarm.common.errors import FedswarmError
 from fedswarm.common.model import load_model, parse_model
 from fedswarm.common.processes import Supervisor
+from fedswarm.protos import swarm_pb2, swarm_pb2_grpc
 from fedswarm.protos.transport import Security
 from tests.conftest import assert_no_leftovers
 from tests.swarm_support import make_adapter
@@ -134,39 +138,39 @@ def _noop() -> None:
     pass
 
 
-def _make_certs(folder: Path) -> tuple[Path, Path, Path]:
-    """A throwaway CA and a certificate for 127.0.0.1 / localhost signed by it."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
+@dataclass(frozen=True)
+class Certs:
+    """Files from `fedswarm certs` (CA in ``folder``) and the fingerprints of the issued certificates."""
 
-    now = datetime.datetime.now(datetime.timezone.utc)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fedswarm test CA")])
-    ca = (
-        x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(ca_key, hashes.SHA256())
-    )  # fmt: skip
-    key = ec.generate_private_key(ec.SECP256R1())
-    sans = [x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")]
-    cert = (
-        x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
-        .issuer_name(ca_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName(sans), critical=False)
-        .sign(ca_key, hashes.SHA256())
-    )  # fmt: skip
-    paths = folder / "ca.pem", folder / "server.pem", folder / "server.key"
-    paths[0].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
-    paths[1].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    paths[2].write_bytes(
-        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    )
-    return paths
+    folder: Path
+    fingerprints: dict[str, str]
+
+    def args(self, name: str) -> list[str]:
+        cert, key = self.folder / f"{name}.pem", self.folder / f"{name}.key"
+        return ["--tls-ca", str(self.folder / "ca.crt"), "--tls-cert", str(cert), "--tls-key", str(key)]
+
+    def security(self, name: str, token: str = TOKEN) -> Security:
+        ca, cert, key = (Path(p) for p in self.args(name)[1::2])
+        return Security(token=token, tls_ca=ca, tls_cert=cert, tls_key=key)
+
+
+def _make_certs(folder: Path) -> Certs:
+    """The federation's CA and the swarm's certificates, issued as a user would (plus another CA's)."""
+    from fedswarm.server.coordinator.tls import issue_certificate, make_certificates
+
+    make_certificates(folder, ["127.0.0.1"])
+    make_certificates(folder / "other", ["127.0.0.1"])
+    issued = {
+        "registry": issue_certificate(folder, "server", "registry", ["127.0.0.1", "localhost"]),
+        "blocks": issue_certificate(folder, "server", "blocks", ["127.0.0.1"]),
+        "d": issue_certificate(folder, "server", "d", ["127.0.0.1"]),
+        "x": issue_certificate(folder, "server", "x", ["127.0.0.2"]),
+        "app": issue_certificate(folder, "client", "app", []),
+        "stranger": issue_certificate(folder / "other", "server", "stranger", ["127.0.0.1"]),
+    }
+    (folder / "stranger.pem").symlink_to(folder / "other" / "stranger.pem")
+    (folder / "stranger.key").symlink_to(folder / "other" / "stranger.key")
+    return Certs(folder, {name: i.fingerprint for name, i in issued.items()})
 
 
 def _make_adapter(folder: Path) -> Path:
@@ -178,6 +182,8 @@ class Swarm:
     procs: Procs
     security: Security
     adapter: Path
+    certs: Certs
+    deny_file: Path
 
     def registry(self, name: str) -> list[str]:
         return [self.procs.addresses[name]]
@@ -188,33 +194,38 @@ def swarm(tmp_path_factory):
     folder = tmp_path_factory.mktemp("swarm")
     warm = _FORKSERVER.Process(target=_noop)  # the forkserver imports torch while we make certificates
     warm.start()
-    ca, cert, key = _make_certs(folder)
+    certs = _make_certs(folder / "certs")
     adapter = _make_adapter(folder / "adapter")
+    deny_file = folder / "denied.txt"
+    deny_file.write_text("# fingerprints of denied servers\n")
     procs = Procs(folder)
-    tls = ["--tls-cert", str(cert), "--tls-key", str(key), "--tls-ca", str(ca)]
     try:
-        for reg in ("reg1", "reg2", "reg3"):  # fixed ports, so servers can start alongside (they retry)
+        for reg in ("reg1", "reg2", "reg3", "reg4"):  # fixed ports, so servers can start alongside (they retry)
             port = _free_port()
-            procs.start(reg, "registry", "--port", str(port), *tls)
+            extra = ["--deny-file", str(deny_file)] if reg == "reg4" else []
+            procs.start(reg, "registry", "--port", str(port), *certs.args("registry"), *extra)
             procs.addresses[reg] = f"127.0.0.1:{port}"
-        r1, r2, r3 = (("--registry", procs.addresses[r]) for r in ("reg1", "reg2", "reg3"))
-        common = ["--model", "tiny", "--threads", "1", "--ttl", "30", *tls]
+        r1, r2, r3, r4 = (("--registry", procs.addresses[r]) for r in ("reg1", "reg2", "reg3", "reg4"))
+        common = ["--model", "tiny", "--threads", "1", "--ttl", "30"]
+        blocks = certs.args("blocks")
         servers = {
-            "a": [*r1, *r2, *r3, "--blocks", "0:2"],
-            "b": [*r1, *r2, "--blocks", "2:3"],
-            "c": [*r1, *r2, "--blocks", "3:4"],
-            "v": [*r2, "--blocks", "2:4", "--throughput", "1e9"],
-            "w": [*r3, "--blocks", "2:4"],
-            "p1": [*r1, "--blocks", "0:1", "--adapter", str(adapter)],
-            "p2": [*r1, "--blocks", "1:3", "--adapter", str(adapter)],
-            "p3": [*r1, "--blocks", "3:4", "--adapter", str(adapter)],
+            "a": [*r1, *r2, *r3, *r4, "--blocks", "0:2", *blocks],
+            "b": [*r1, *r2, *r4, "--blocks", "2:3", *blocks],
+            "c": [*r1, *r2, *r4, "--blocks", "3:4", *blocks],
+            "v": [*r2, "--blocks", "2:4", "--throughput", "1e9", *blocks],
+            "w": [*r3, "--blocks", "2:4", *blocks],
+            "d": [*r4, "--blocks", "2:4", "--throughput", "1e9", *certs.args("d")],
+            "x": [*r1, "--blocks", "0:4", "--throughput", "1e9", *certs.args("x")],
+            "p1": [*r1, "--blocks", "0:1", "--adapter", str(adapter), *blocks],
+            "p2": [*r1, "--blocks", "1:3", "--adapter", str(adapter), *blocks],
+            "p3": [*r1, "--blocks", "3:4", "--adapter", str(adapter), *blocks],
         }
         for name, args in servers.items():  # "a" through the installed entry point, the others forked
             (procs.start if name == "a" else procs.fork)(name, "serve", *args, *common)
-        procs.wait_ready("reg1", "reg2", "reg3", *servers)
-        security = Security(token=TOKEN, tls_ca=ca)
-        _wait_listed(procs, security, {"reg1": "abcp", "reg2": "abcv", "reg3": "aw"}, servers)
-        yield Swarm(procs, security, adapter)
+        procs.wait_ready("reg1", "reg2", "reg3", "reg4", *servers)
+        security = certs.security("app")
+        _wait_listed(procs, security, {"reg1": "abcp", "reg2": "abcv", "reg3": "aw", "reg4": "abcd"}, servers)
+        yield Swarm(procs, security, adapter, certs, deny_file)
     finally:
         procs.stop_all()
         warm.join(timeout=5)
@@ -364,20 +375,138 @@ def test_client_merges_registries_and_skips_a_dead_one(swarm):
 def test_requests_without_a_valid_token_are_refused(swarm):
     for token in ("", "wrong"):
         with pytest.raises(FedswarmError, match=r"registry .* refused the swarm token"):
-            SwarmClient(swarm.registry("reg1"), Security(token=token, tls_ca=swarm.security.tls_ca))
+            SwarmClient(swarm.registry("reg1"), swarm.certs.security("app", token=token))
     # straight to a block server, past the registry
     client, model = _swarm_model(swarm, "reg1")
     try:
-        object.__setattr__(client, "security", Security(token="wrong", tls_ca=swarm.security.tls_ca))
+        object.__setattr__(client, "security", swarm.certs.security("app", token="wrong"))
         with pytest.raises(FedswarmError, match=r"server 127\.0\.0\.1:\d+ refused the swarm token"):
             model.generate(PROMPT, 2)
     finally:
         client.close()
 
 
-def test_plaintext_client_cannot_talk_to_a_tls_swarm(swarm):
-    with pytest.raises(FedswarmError, match="registry unreachable"):
-        SwarmClient(swarm.registry("reg1"), Security(token=TOKEN))
+def test_clients_without_a_certificate_of_the_federation_cannot_connect(swarm):
+    for security in (
+        Security(token=TOKEN),  # plaintext
+        Security(token=TOKEN, tls_ca=swarm.security.tls_ca),  # TLS, no client certificate
+        swarm.certs.security("stranger"),  # a certificate from another CA
+    ):
+        with pytest.raises(FedswarmError, match="registry unreachable"):
+            SwarmClient(swarm.registry("reg1"), security)
+
+
+def test_only_a_server_certificate_naming_the_address_may_announce(swarm):
+    from fedswarm.client.swarm.discovery import list_servers
+    from fedswarm.server.swarm.announcer import Announcer
+
+    addresses, certs = swarm.procs.addresses, swarm.certs
+    listed = {s.address: s for s in list_servers(swarm.registry("reg1"), swarm.security)}
+    assert addresses["x"] not in listed  # a real server whose certificate names 127.0.0.2
+    assert (listed[addresses["a"]].identity, listed[addresses["a"]].identity_name) == (
+        certs.fingerprints["blocks"],
+        "blocks",
+    )
+    _wait_for_line(swarm.procs.folder / "x.log", f"registry {addresses['reg1']} refused this server: certificate 'x' "
+                   f"names 127.0.0.2, not 127.0.0.1 (the announced address {addresses['x']})")  # fmt: skip
+    reg1_log = (swarm.procs.folder / "reg1.log").read_text()
+    assert f"refused announcement of {addresses['x']} from ipv4:127.0.0.1:" in reg1_log
+
+    info = swarm_pb2.ServerInfo()
+    info.CopyFrom(listed[addresses["b"]])
+    info.address = "127.0.0.1:1"  # a free address: only the certificate decides
+    refusals = {
+        "app": (grpc.StatusCode.PERMISSION_DENIED, "certificate 'app' is a client certificate"),
+        "x": (grpc.StatusCode.PERMISSION_DENIED, "certificate 'x' names 127.0.0.2, not 127.0.0.1"),
+        "stranger": (grpc.StatusCode.UNAVAILABLE, ""),  # another CA: the handshake fails
+        "plaintext": (grpc.StatusCode.UNAVAILABLE, ""),
+        "token, no certificate": (grpc.StatusCode.UNAVAILABLE, ""),
+    }
+    uncertified = {"plaintext": Security(token=TOKEN), "token, no certificate": Security(TOKEN, swarm.security.tls_ca)}
+    for who, (code, message) in refusals.items():
+        security = uncertified.get(who) or certs.security(who)
+        with pytest.raises(grpc.RpcError) as refused:
+            Announcer([addresses["reg1"]], info, 30.0, security).announce_once(addresses["reg1"], 30.0)
+        assert refused.value.code() == code and message in (refused.value.details() or ""), who
+    # a server certificate may not take over another server's live entry, even for a host it names
+    info.address = addresses["b"]
+    with pytest.raises(grpc.RpcError, match=f"{addresses['b']} is announced by another certificate"):
+        Announcer([addresses["reg1"]], info, 30.0, certs.security("d")).announce_once(addresses["reg1"], 30.0)
+    assert "127.0.0.1:1" not in {s.address for s in list_servers(swarm.registry("reg1"), swarm.security)}
+
+
+def test_client_refuses_a_server_whose_certificate_does_not_match_its_address(swarm, local_base):
+    """A registry that lists whatever it is told (here: one in this process that checks no identity)
+    sends the client to server x, whose certificate names 127.0.0.2: the client's handshake refuses
+    it, bans it, and routes through a, b, c instead."""
+    from concurrent import futures
+
+    from fedswarm.client.swarm.discovery import list_servers
+    from fedswarm.protos.transport import bind_server
+    from fedswarm.server.swarm.registry import RegistryServicer, RegistryTable
+
+    addresses = swarm.procs.addresses
+    table = RegistryTable()
+    for info in list_servers(swarm.registry("reg4"), swarm.security):
+        if info.address != addresses["d"]:
+            table.announce(info, 60.0)
+    forged = swarm_pb2.ServerInfo()
+    forged.CopyFrom(
+        next(i for i in list_servers(swarm.registry("reg1"), swarm.security) if i.address == addresses["a"])
+    )
+    forged.address, forged.start, forged.end, forged.throughput = addresses["x"], 0, 4, 1e12
+    table.announce(forged, 60.0)
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    swarm_pb2_grpc.add_RegistryServicer_to_server(RegistryServicer(table), server)
+    port = bind_server(server, "127.0.0.1", 0, swarm.certs.security("registry"))
+    server.start()
+    client = SwarmClient([f"127.0.0.1:{port}"], swarm.security, adapter_id="", ban_s=300)
+    try:
+        assert [h.address for h in client.plan()] == [addresses["x"]]
+        routes: list[list[str]] = []
+        model = SwarmModel(client, load_head(parse_model("tiny")))
+        result = model.generate(PROMPT, NEW_TOKENS, on_token=lambda _t, s: routes.append([h.address for h in s.route]))
+        assert addresses["x"] in client.banned()
+    finally:
+        client.close()
+        server.stop(0)
+    assert routes[0] == [addresses["a"], addresses["b"], addresses["c"]]
+    _assert_same(result, *local_base)
+
+
+def test_a_denied_server_is_dropped_at_once_and_the_client_reroutes(swarm, local_base):
+    from fedswarm.server.swarm.announcer import Announcer
+
+    addresses = swarm.procs.addresses
+    client = SwarmClient(swarm.registry("reg4"), swarm.security, adapter_id="", ban_s=300, relist_s=0.0)
+    model = SwarmModel(client, load_head(parse_model("tiny")))
+    routes: list[list[str]] = []
+
+    def deny_d(_token, session):
+        routes.append([h.address for h in session.route])
+        if len(routes) == 4:
+            fingerprint = swarm.certs.fingerprints["d"]
+            swarm.deny_file.write_text(f"# revoked\n{':'.join(fingerprint[i : i + 2] for i in range(0, 64, 2))}\n")
+
+    try:
+        result = model.generate(PROMPT, NEW_TOKENS, on_token=deny_d)
+    finally:
+        client.close()
+    assert routes[0] == [addresses["a"], addresses["d"]]
+    assert routes[-1] == [addresses["a"], addresses["b"], addresses["c"]]
+    assert client.replays == 1
+    _assert_same(result, *local_base)
+    assert f"dropped {addresses['d']}: certificate 'd'" in (swarm.procs.folder / "reg4.log").read_text()
+    info = swarm_pb2.ServerInfo(address=addresses["d"], model_id="x", start=2, end=4, num_blocks=4, throughput=1.0)
+    with pytest.raises(grpc.RpcError, match=f"certificate 'd' \\({swarm.certs.fingerprints['d']}\\) is denied"):
+        Announcer([addresses["reg4"]], info, 30.0, swarm.certs.security("d")).announce_once(addresses["reg4"], 30.0)
+
+
+def _wait_for_line(path: Path, line: str, timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while line not in path.read_text():
+        assert time.monotonic() < deadline, f"{path.name} does not say {line!r}:\n{path.read_text()}"
+        time.sleep(0.2)
 
 
 def test_unreachable_registry_is_one_clear_error():
@@ -390,7 +519,7 @@ def test_cli_generate_and_perplexity_through_the_swarm(swarm, local_base, labell
     from fedswarm.common.data import load_examples
 
     client_args = ["--registry", swarm.procs.addresses["reg1"], "--adapter-id", "", "--threads", "1"]
-    client_args += ["--tls-ca", str(swarm.security.tls_ca)]
+    client_args += swarm.certs.args("app")
     text = tokenizer.decode(PROMPT)
     commands = {
         "generate": ["swarm", "generate", *client_args, text, "--max-new-tokens", "6"],

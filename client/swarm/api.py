@@ -46,7 +46,7 @@ class ApiState:
     service: SwarmService
     metrics: ApiMetrics
     pool: ThreadPoolExecutor  # generations run here, --concurrency at a time, off the event loop
-    token: str = ""  # the swarm token; "" lets every request in
+    api_keys: tuple[str, ...] = ()  # bearer tokens applications may send; none lets every request in
     default_max_tokens: int = 256  # for requests that give no max_tokens (cut to what the context leaves)
 
 
@@ -65,7 +65,7 @@ class Job:
 
 def build_app(state: ApiState) -> FastAPI:
     app = FastAPI(title="fedswarm swarm API", docs_url=None, redoc_url=None, openapi_url=None)
-    v1 = APIRouter(prefix="/v1", dependencies=[Depends(_authorize(state.token))])
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(_authorize(state.api_keys))])
 
     @v1.get("/models")
     async def models() -> oa.ModelList:
@@ -138,15 +138,16 @@ def build_app(state: ApiState) -> FastAPI:
     return app
 
 
-def _authorize(token: str) -> Callable[[Request], None]:
+def _authorize(keys: tuple[str, ...]) -> Callable[[Request], None]:
     def check(request: Request) -> None:
-        if not token:
+        if not keys:
             return
         scheme, _, given = request.headers.get("authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not given.strip():
-            raise unauthorized("missing bearer token: send 'Authorization: Bearer <the swarm token>'")
-        if not hmac.compare_digest(given.strip().encode(), token.encode()):
-            raise unauthorized("invalid swarm token")
+            raise unauthorized("missing bearer token: send 'Authorization: Bearer <an API key>'")
+        matches = [hmac.compare_digest(given.strip().encode(), key.encode()) for key in keys]  # no early exit
+        if not any(matches):
+            raise unauthorized("invalid API key")
 
     return check
 

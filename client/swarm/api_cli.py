@@ -10,12 +10,13 @@ from typing import Any
 from fedswarm.common.options import add_arguments, host_option, option, registry_option, threads_option
 from fedswarm.common.swarm_cli import SwarmSecurity, security_of
 
+API_KEY_ENV = "FEDSWARM_API_KEY"
 GRACEFUL_STOP_S = 5.0  # on SIGTERM/Ctrl-C, how long running requests may finish
 
 
 @dataclass(frozen=True, kw_only=True)
 class ApiCommand(SwarmSecurity):
-    """``fedswarm swarm api``: requests authenticate with ``Authorization: Bearer`` and the swarm token."""
+    """``fedswarm swarm api``: applications authenticate with ``Authorization: Bearer API_KEY``."""
 
     registry: list[str] = registry_option()
     host: str = host_option()
@@ -24,6 +25,12 @@ class ApiCommand(SwarmSecurity):
     max_context: int = option(4096, "longest prompt + completion, tokens (keep it <= the servers' --max-length)")
     default_max_tokens: int = option(256, "max_tokens of a request that gives none (cut to what the context leaves)")
     threads: int = threads_option()
+    api_key: list[str] | None = option(
+        None,
+        "a bearer token applications may send (repeatable; default: $FEDSWARM_API_KEY, comma-separated; "
+        "none: the swarm token, if any)",
+        repeat=True,
+    )
 
 
 def add_commands(commands: argparse._SubParsersAction) -> None:
@@ -42,7 +49,14 @@ def run_api(args: argparse.Namespace) -> int:
     for name in ("concurrency", "default_max_tokens"):
         if getattr(args, name) < 1:
             raise InputError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    keys = _api_keys(args)
     security = security_of(args)
+    keys = keys or ((security.token,) if security.token else ())  # type: ignore[attr-defined]
+    if not keys and not args.insecure:
+        raise InputError(
+            "the HTTP API needs --api-key KEY (or $FEDSWARM_API_KEY) for its applications' bearer tokens, "
+            "or --insecure on a trusted machine"
+        )
     service = SwarmService(registries_arg(args.registry), security, args.max_context)  # type: ignore[arg-type]
     servers = service.servers()  # an unreachable registry is one line, before torch imports
     sock = _listen(args.host, args.port)
@@ -58,13 +72,26 @@ def run_api(args: argparse.Namespace) -> int:
     metrics = ApiMetrics()
     metrics.watch(service)
     pool = ThreadPoolExecutor(max_workers=args.concurrency, thread_name_prefix="generate")
-    state = ApiState(service, metrics, pool, security.token, args.default_max_tokens)  # type: ignore[attr-defined]
+    state = ApiState(service, metrics, pool, keys, args.default_max_tokens)
     try:
         _serve(build_app(state), sock)
     finally:
         pool.shutdown(wait=False, cancel_futures=True)
         service.close()
     return 0
+
+
+def _api_keys(args: argparse.Namespace) -> tuple[str, ...]:
+    """``--api-key`` values, else ``$FEDSWARM_API_KEY`` (comma-separated); a one-line error for an empty one."""
+    import os
+
+    from fedswarm.common.errors import InputError
+
+    given = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV, "").split(",")
+    keys = tuple(key.strip() for key in given)
+    if args.api_key is not None and not all(keys):
+        raise InputError("--api-key: an empty key would let every request in")
+    return tuple(key for key in keys if key)
 
 
 def _listen(host: str, port: int) -> socket.socket:

@@ -42,6 +42,7 @@ class SwarmClient:
         ban_s: float = 60.0,
         hop_overhead_s: float = DEFAULT_HOP_OVERHEAD_S,
         adapter: str = "",
+        relist_s: float = 5.0,
     ) -> None:
         self.registries = list(registries)
         self.adapter = adapter  # unmerged adapter used when a generation names none
@@ -51,6 +52,8 @@ class SwarmClient:
         self._banned: dict[str, float] = {}  # address -> monotonic time the ban ends
         self._channels: dict[str, Any] = {}
         self.replays = 0  # hops re-routed and replayed after a server failed (for metrics)
+        self.relist_s = relist_s  # how often a generation re-reads the registries to drop servers that left
+        self._listed_at = 0.0
         self.swarm: Swarm = self.refresh(model_id, adapter_id)
 
     def refresh(self, model_id: str | None = None, adapter_id: str | None = None) -> Swarm:
@@ -58,6 +61,7 @@ class SwarmClient:
         if hasattr(self, "swarm"):
             model_id, adapter_id = self.swarm.model_id, self.swarm.adapter_id
         self.swarm = choose_swarm(list_servers(self.registries, self.security), model_id or "", adapter_id)
+        self._listed_at = time.monotonic()
         return self.swarm
 
     def try_refresh(self) -> None:
@@ -69,6 +73,15 @@ class SwarmClient:
             self.refresh()
         except FedswarmError as exc:
             log.warning("keeping the last server list: %s", exc)
+
+    def unlisted(self, addresses: Iterable[str]) -> set[str]:
+        """Which of ``addresses`` the registries no longer list (withdrawn, lapsed, or denied), re-reading
+        them at most every ``relist_s`` seconds; an unreachable registry changes nothing."""
+        if time.monotonic() - self._listed_at >= self.relist_s:
+            self._listed_at = time.monotonic()  # a failing registry is not asked again at every step
+            self.try_refresh()
+        listed = {info.address for info in self.swarm.servers}
+        return {address for address in addresses if address not in listed}
 
     @property
     def num_blocks(self) -> int:

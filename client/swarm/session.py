@@ -128,6 +128,9 @@ class InferenceSession:
         """Send new tokens' embeddings ([batch, new, hidden]) through every block; returns the last block's output."""
         if self.length + hidden.shape[1] > self.max_length:
             raise FedswarmError(f"session holds {self.length} tokens; {hidden.shape[1]} more exceed {self.max_length}")
+        for address in self.client.unlisted(hop.address for hop in self.route):  # e.g. denied by the registry
+            index = next(i for i, link in enumerate(self.links) if link.hop.address == address)
+            self._replace(index, ConnectionError(f"server {address} is no longer listed by the registries"))
         x = hidden
         index = 0
         while index < len(self.links):

@@ -36,10 +36,19 @@ REGISTER_ATTEMPTS = 3
 class CertsCommand:
     """``fedswarm certs``."""
 
-    out: str = required("folder for the certificate files")
-    host: list[str] = required("names or IPs nodes dial (127.0.0.1 and localhost are always added)", nargs="+")
+    out: str = required("folder for the certificate files (with --issue: the folder holding the CA)")
+    host: list[str] | None = option(
+        None,
+        "names or IPs peers dial: the coordinator's (127.0.0.1 and localhost are always added), or with "
+        "--issue server those the swarm server listens on and announces (exactly these)",
+        nargs="+",
+    )
+    issue: str | None = option(
+        None, "issue a swarm certificate from the CA in --out: 'server' (registry or block server) or 'client'"
+    )
+    name: str | None = option(None, "with --issue: the certificate's name; files NAME.pem and NAME.key")
     days: int = option(365, "validity", unit="days")
-    force: bool = flag("replace the CA and server certificate already in --out (every node then needs the new ca.crt)")
+    force: bool = flag("replace the files already in --out (a new CA: every node then needs the new ca.crt)")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -57,9 +66,10 @@ class CoordinatorCommand:
 def add_parser(sub: argparse._SubParsersAction) -> None:
     certs = sub.add_parser(
         "certs",
-        help="make a CA and a TLS certificate for the coordinator",
-        description="Writes ca.crt (give it to nodes), ca.key, server.pem and server.key (keep them); "
-        "files already in --out are replaced only with --force.",
+        help="make the federation's CA and the coordinator's TLS certificate, or issue a swarm certificate",
+        description="Writes ca.crt (give it to nodes), ca.key, server.pem and server.key (keep them); with "
+        "--issue server|client --name NAME, writes NAME.pem and NAME.key signed by that CA, for a swarm "
+        "registry or block server (its identity) or a swarm client. Existing files are replaced only with --force.",
     )
     add_arguments(certs, CertsCommand)
     certs.set_defaults(handler=run_certs)
@@ -74,8 +84,20 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run_certs(args: argparse.Namespace) -> int:
-    from fedswarm.server.coordinator.tls import make_certificates
+    from fedswarm.server.coordinator.tls import issue_certificate, make_certificates
 
+    if args.issue is not None:
+        if not args.name:
+            raise FedswarmError("--issue needs --name NAME (the certificate's files are NAME.pem and NAME.key)")
+        issued = issue_certificate(args.out, args.issue, args.name, list(args.host or []), args.days, args.force)
+        covered = f" for {', '.join(args.host)}" if args.host else ""
+        print(f"{args.issue} certificate {args.name!r}{covered}: {issued.cert} (+ {issued.key.name}, keep private)")
+        print(f"SHA-256 fingerprint (for `fedswarm swarm registry --deny`): {issued.fingerprint}")
+        return 0
+    if args.name:
+        raise FedswarmError("--name goes with --issue server|client")
+    if not args.host:
+        raise FedswarmError("--host: give at least one host name or IP address the nodes will dial")
     hosts = list(dict.fromkeys([*args.host, "127.0.0.1", "localhost"]))
     paths = make_certificates(args.out, hosts, args.days, args.force)
     print(f"CA certificate (copy to every node and to where you run `fedswarm run`): {paths.ca_cert}")

@@ -82,7 +82,10 @@ class Announcer:
             try:
                 self.announce_once(registry, self.ttl_s)
             except grpc.RpcError as exc:
-                log.warning("registry %s unreachable (%s); retrying in %.0f s", registry, exc.code().name, delay)
+                if exc.code() in (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED):
+                    log.error("registry %s refused this server: %s; retrying in %.0f s", registry, exc.details(), delay)
+                else:
+                    log.warning("registry %s unreachable (%s); retrying in %.0f s", registry, exc.code().name, delay)
                 if self._stop.wait(delay):
                     return
                 delay = min(delay * 2, MAX_BACKOFF_S)

@@ -15,16 +15,22 @@ from fedswarm.common.options import (
     registry_option,
     required,
 )
-from fedswarm.common.swarm_cli import SwarmServerSecurity, security_of
+from fedswarm.common.swarm_cli import SwarmSecurity, security_of
 from fedswarm.server.swarm.options import ServeOptions
 
 
 @dataclass(frozen=True, kw_only=True)
-class RegistryCommand(SwarmServerSecurity):
+class RegistryCommand(SwarmSecurity):
     """``fedswarm swarm registry``."""
 
     host: str = host_option()
     port: int = option(0, "port (0 picks a free one and prints it)")
+    deny: list[str] | None = option(
+        None, "SHA-256 fingerprint of a server certificate to drop and refuse (repeatable)", repeat=True
+    )
+    deny_file: str | None = option(
+        None, "file of fingerprints to drop and refuse, one per line; re-read whenever it changes"
+    )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -49,7 +55,7 @@ class ServeTarget:
 
 
 @dataclass(frozen=True, kw_only=True)
-class ServeCommand(SwarmServerSecurity, ServeOptions, ServeTarget):
+class ServeCommand(SwarmSecurity, ServeOptions, ServeTarget):
     """``fedswarm swarm serve``: what to serve, how (``ServeOptions``), and its security."""
 
 
@@ -64,9 +70,18 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
 
 
 def run_registry(args: argparse.Namespace) -> int:
+    from fedswarm.common.errors import FedswarmError
+    from fedswarm.server.swarm.registry import DenyList
     from fedswarm.server.swarm.registry import run_registry as run
 
-    return run(args.host, args.port, security_of(args))  # type: ignore[arg-type]
+    if (args.deny or args.deny_file) and args.insecure:
+        raise FedswarmError("--deny needs server certificates: it cannot apply with --insecure")
+    security = security_of(args)
+    try:
+        deny = DenyList(args.deny or (), Path(args.deny_file) if args.deny_file else None)
+    except ValueError as exc:
+        raise FedswarmError(f"--deny: {exc}") from None
+    return run(args.host, args.port, security, deny)  # type: ignore[arg-type]
 
 
 def run_serve(args: argparse.Namespace) -> int:
