@@ -37,6 +37,17 @@ class SwarmSecurity:
     insecure: bool = flag("plaintext, no certificates: anyone who reaches the swarm can read and join it")
 
 
+@dataclass(frozen=True, kw_only=True)
+class SwarmServeSecurity(SwarmSecurity):
+    """A block server's security, with how its clients authenticate."""
+
+    client_auth: str = option(
+        "certificate",
+        "how clients authenticate: certificate (mutual TLS, a client certificate of the CA) or token "
+        "(TLS, and the swarm token in place of a client certificate)",
+    )
+
+
 def add_parser(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser(
         "swarm",
@@ -48,8 +59,23 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         importlib.import_module(module).add_commands(commands)
 
 
-def security_of(args: argparse.Namespace) -> object:
-    """The process's ``Security``; a one-line error (exit 2) without TLS files and without ``--insecure``."""
+def security_of(args: argparse.Namespace, client: bool = False) -> object:
+    """The process's ``Security``; a one-line error (exit 2) without TLS files and without ``--insecure``.
+
+    A ``client`` may authenticate with the swarm token instead of a certificate (``--tls-ca`` alone).
+    """
+    from fedswarm.common.errors import FedswarmError
     from fedswarm.protos.transport import security_from_args
 
-    return security_from_args(args.token, args.tls_ca, args.tls_cert, args.tls_key, insecure=args.insecure)
+    client_auth = getattr(args, "client_auth", "certificate")
+    if client_auth not in ("certificate", "token"):
+        raise FedswarmError(f"--client-auth {client_auth!r}: choose certificate or token")
+    return security_from_args(
+        args.token,
+        args.tls_ca,
+        args.tls_cert,
+        args.tls_key,
+        insecure=args.insecure,
+        client=client,
+        client_certs=client_auth == "certificate",
+    )

@@ -42,19 +42,37 @@ class Security:
     tls_cert: Path | None = None  # this process's certificate (PEM): server side and client side alike
     tls_key: Path | None = None  # its private key (PEM)
     insecure: bool = False  # chosen plaintext (recorded for logs)
+    client_certs: bool = True  # servers: require a client certificate of the CA (False: the token instead)
 
     def metadata(self) -> tuple[tuple[str, str], ...]:
         return ((TOKEN_METADATA_KEY, self.token),) if self.token else ()
 
 
 def security_from_args(
-    token: str | None, tls_ca: str | None, tls_cert: str | None, tls_key: str | None, insecure: bool = False
+    token: str | None,
+    tls_ca: str | None,
+    tls_cert: str | None,
+    tls_key: str | None,
+    insecure: bool = False,
+    client: bool = False,
+    client_certs: bool = True,
 ) -> Security:
     """Validate the CLI's security options; the token falls back to $FEDSWARM_SWARM_TOKEN.
 
-    Mutual TLS needs all three files; ``insecure`` none of them. Anything else is a one-line error.
+    Mutual TLS needs all three files; ``insecure`` none of them. A ``client`` may instead give the
+    CA and the swarm token (for servers that take the token in place of a client certificate); a
+    server with ``client_certs`` False takes the token from its clients, so it needs one. Anything
+    else is a one-line error.
     """
     token = token if token is not None else os.environ.get(TOKEN_ENV, "")
+    if not client_certs and not token:
+        raise FedswarmError("--client-auth token needs the swarm token (--token or $FEDSWARM_SWARM_TOKEN)")
+    if not client_certs and insecure:
+        raise FedswarmError("--client-auth token needs TLS: it cannot apply with --insecure")
+    if client and token and tls_ca and not tls_cert and not tls_key and not insecure:
+        if not Path(tls_ca).is_file():
+            raise FedswarmError(f"--tls-ca {tls_ca!r}: no such file")
+        return Security(token=token, tls_ca=Path(tls_ca))  # TLS, and the token in place of a certificate
     paths = {"--tls-ca": tls_ca, "--tls-cert": tls_cert, "--tls-key": tls_key}
     given = [flag for flag, value in paths.items() if value]
     if insecure:
@@ -71,7 +89,8 @@ def security_from_args(
     for flag, value in paths.items():
         if not Path(str(value)).is_file():
             raise FedswarmError(f"{flag} {value!r}: no such file")
-    security = Security(token=token, tls_ca=Path(str(tls_ca)), tls_cert=Path(str(tls_cert)), tls_key=Path(str(tls_key)))
+    ca, cert, key = Path(str(tls_ca)), Path(str(tls_cert)), Path(str(tls_key))
+    security = Security(token=token, tls_ca=ca, tls_cert=cert, tls_key=key, client_certs=client_certs)
     check_certificate(security)
     return security
 
@@ -121,12 +140,13 @@ def open_channel(address: str, security: Security) -> Any:
 
 def bind_server(server: Any, host: str, port: int, security: Security) -> int:
     """Listen on ``host:port`` (0 picks a free port): mutual TLS when a certificate is configured
-    (peers must present a certificate the CA signed), plaintext otherwise."""
+    (peers must present a certificate the CA signed; with ``client_certs`` False, TLS alone and the
+    token checks the clients), plaintext otherwise."""
     import grpc
 
     address = f"{host}:{port}"
     if security.tls_cert is not None and security.tls_key is not None:
-        ca = security.tls_ca.read_bytes() if security.tls_ca else None
+        ca = security.tls_ca.read_bytes() if security.tls_ca and security.client_certs else None
         creds = grpc.ssl_server_credentials(
             [(security.tls_key.read_bytes(), security.tls_cert.read_bytes())],
             root_certificates=ca,

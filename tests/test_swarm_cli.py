@@ -163,3 +163,26 @@ def test_api_bad_concurrency_is_one_line():
     proc = _swarm("api", "--registry", "127.0.0.1:1", "--concurrency", "0", "--insecure")
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == ["fedswarm swarm: error: --concurrency must be >= 1, got 0"]
+
+
+def test_token_authentication_needs_a_token_and_tls(certs, capsys, monkeypatch):
+    from fedswarm.common.cli import main
+
+    monkeypatch.delenv("FEDSWARM_SWARM_TOKEN", raising=False)
+    root, _ = certs
+    tls = ["--tls-ca", str(root / "ca.crt"), "--tls-cert", str(root / "s1.pem"), "--tls-key", str(root / "s1.key")]
+    serve = ["swarm", "serve", "--registry", "127.0.0.1:9", "--model", "tiny", "--blocks", "0:2", *tls]
+    cases = {
+        "--client-auth token needs the swarm token (--token or $FEDSWARM_SWARM_TOKEN)": [
+            *serve, "--client-auth", "token"
+        ],
+        "--client-auth 'any': choose certificate or token": [*serve, "--client-auth", "any"],
+        "--client-port needs TLS and the swarm token (--token or $FEDSWARM_SWARM_TOKEN)": [
+            "swarm", "registry", *tls, "--client-port", "0"
+        ],
+        "TLS is required: missing --tls-cert, --tls-key (issue certificates with `fedswarm certs --issue`), or "
+        "--insecure on a trusted machine": ["swarm", "generate", "--registry", "127.0.0.1:9", "--tls-ca", tls[1], "hi"],
+    }  # fmt: skip
+    for message, argv in cases.items():
+        assert main(argv) == 2
+        assert capsys.readouterr().err.strip().splitlines() == [f"fedswarm swarm: error: {message}"], argv

@@ -6,6 +6,7 @@ Layout (tiny model, 4 blocks), all processes started at once to share the start-
   reg2: a b c  +  v[2:4] (announces a huge throughput, so routes go a -> v; killed mid-generation)
   reg3: a  +  w[2:4] (no replica; killed mid-generation)
   reg4 (--deny-file): a b c  +  d[2:4] (its own certificate, a huge throughput; denied mid-generation)
+  reg5 (--client-port: clients list with the token, no certificate): t[0:4] (--client-auth token)
 Certificates come from `fedswarm certs`: one CA; the registries share certificate "registry", the
 servers "blocks" (d has its own, x one for 127.0.0.2); clients use the client certificate "app".
 """
@@ -33,7 +34,7 @@ from fedswarm.common.errors import FedswarmError
 from fedswarm.common.model import load_model, parse_model
 from fedswarm.common.processes import Supervisor
 from fedswarm.protos import swarm_pb2, swarm_pb2_grpc
-from fedswarm.protos.transport import Security
+from fedswarm.protos.transport import Security, open_channel
 from tests.conftest import assert_no_leftovers
 from tests.swarm_support import make_adapter
 
@@ -200,12 +201,14 @@ def swarm(tmp_path_factory):
     deny_file.write_text("# fingerprints of denied servers\n")
     procs = Procs(folder)
     try:
-        for reg in ("reg1", "reg2", "reg3", "reg4"):  # fixed ports, so servers can start alongside (they retry)
+        token_port = _free_port()
+        for reg in ("reg1", "reg2", "reg3", "reg4", "reg5"):  # fixed ports: servers start alongside (they retry)
             port = _free_port()
-            extra = ["--deny-file", str(deny_file)] if reg == "reg4" else []
+            extra = {"reg4": ["--deny-file", str(deny_file)], "reg5": ["--client-port", str(token_port)]}.get(reg, [])
             procs.start(reg, "registry", "--port", str(port), *certs.args("registry"), *extra)
             procs.addresses[reg] = f"127.0.0.1:{port}"
-        r1, r2, r3, r4 = (("--registry", procs.addresses[r]) for r in ("reg1", "reg2", "reg3", "reg4"))
+        r1, r2, r3, r4, r5 = (("--registry", procs.addresses[r]) for r in ("reg1", "reg2", "reg3", "reg4", "reg5"))
+        procs.addresses["reg5-clients"] = f"127.0.0.1:{token_port}"
         common = ["--model", "tiny", "--threads", "1", "--ttl", "30"]
         blocks = certs.args("blocks")
         servers = {
@@ -216,15 +219,17 @@ def swarm(tmp_path_factory):
             "w": [*r3, "--blocks", "2:4", *blocks],
             "d": [*r4, "--blocks", "2:4", "--throughput", "1e9", *certs.args("d")],
             "x": [*r1, "--blocks", "0:4", "--throughput", "1e9", *certs.args("x")],
+            "t": [*r5, "--blocks", "0:4", "--client-auth", "token", *blocks],
             "p1": [*r1, "--blocks", "0:1", "--adapter", str(adapter), *blocks],
             "p2": [*r1, "--blocks", "1:3", "--adapter", str(adapter), *blocks],
             "p3": [*r1, "--blocks", "3:4", "--adapter", str(adapter), *blocks],
         }
         for name, args in servers.items():  # "a" through the installed entry point, the others forked
             (procs.start if name == "a" else procs.fork)(name, "serve", *args, *common)
-        procs.wait_ready("reg1", "reg2", "reg3", "reg4", *servers)
+        procs.wait_ready("reg1", "reg2", "reg3", "reg4", "reg5", *servers)
         security = certs.security("app")
-        _wait_listed(procs, security, {"reg1": "abcp", "reg2": "abcv", "reg3": "aw", "reg4": "abcd"}, servers)
+        expected = {"reg1": "abcp", "reg2": "abcv", "reg3": "aw", "reg4": "abcd", "reg5": "t"}
+        _wait_listed(procs, security, expected, servers)
         yield Swarm(procs, security, adapter, certs, deny_file)
     finally:
         procs.stop_all()
@@ -500,6 +505,32 @@ def test_a_denied_server_is_dropped_at_once_and_the_client_reroutes(swarm, local
     info = swarm_pb2.ServerInfo(address=addresses["d"], model_id="x", start=2, end=4, num_blocks=4, throughput=1.0)
     with pytest.raises(grpc.RpcError, match=f"certificate 'd' \\({swarm.certs.fingerprints['d']}\\) is denied"):
         Announcer([addresses["reg4"]], info, 30.0, swarm.certs.security("d")).announce_once(addresses["reg4"], 30.0)
+
+
+def test_a_token_client_without_a_certificate_uses_servers_that_take_the_token(swarm, local_base):
+    """reg5's client port and server t take the swarm token in place of a client certificate (TLS still
+    checks the servers); the token lets that client list and generate, never announce, and mutual-TLS
+    servers still refuse it."""
+    from fedswarm.server.swarm.announcer import Announcer
+
+    addresses = swarm.procs.addresses
+    token_client = Security(token=TOKEN, tls_ca=swarm.security.tls_ca)
+    client = SwarmClient(swarm.registry("reg5-clients"), token_client, adapter_id="", ban_s=300)
+    try:
+        assert [h.address for h in client.plan()] == [addresses["t"]]
+        result = SwarmModel(client, load_head(parse_model("tiny"))).generate(PROMPT, NEW_TOKENS)
+    finally:
+        client.close()
+    _assert_same(result, *local_base)
+    info = swarm_pb2.ServerInfo(address="127.0.0.1:1", model_id="x", start=0, end=4, num_blocks=4, throughput=1.0)
+    with pytest.raises(grpc.RpcError, match="announcing needs a server certificate from the federation's CA"):
+        Announcer([addresses["reg5-clients"]], info, 30.0, token_client).announce_once(addresses["reg5-clients"], 30.0)
+    with pytest.raises(FedswarmError, match=r"registry 127\.0\.0\.1:\d+ refused the swarm token"):
+        SwarmClient(swarm.registry("reg5-clients"), Security(token="wrong", tls_ca=swarm.security.tls_ca))
+    with pytest.raises(grpc.RpcError) as refused:  # server a wants a client certificate
+        stub = swarm_pb2_grpc.BlockServerStub(open_channel(addresses["a"], token_client))
+        stub.Info(swarm_pb2.InfoRequest(protocol_version=1), timeout=10, metadata=token_client.metadata())
+    assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
 
 
 def _wait_for_line(path: Path, line: str, timeout_s: float = 30.0) -> None:

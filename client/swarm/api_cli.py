@@ -50,7 +50,7 @@ def run_api(args: argparse.Namespace) -> int:
         if getattr(args, name) < 1:
             raise InputError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     keys = _api_keys(args)
-    security = security_of(args)
+    security = security_of(args, client=True)
     keys = keys or ((security.token,) if security.token else ())  # type: ignore[attr-defined]
     if not keys and not args.insecure:
         raise InputError(

@@ -78,7 +78,7 @@ def _connect(args: argparse.Namespace) -> tuple[Any, Any, Any]:
     # the registries first: their errors should not wait for torch to import
     client = SwarmClient(
         registries_arg(args.registry),
-        security_of(args),  # type: ignore[arg-type]
+        security_of(args, client=True),  # type: ignore[arg-type]
         args.model,
         args.adapter_id,
         adapter=args.lora,

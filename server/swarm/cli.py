@@ -15,7 +15,7 @@ from fedswarm.common.options import (
     registry_option,
     required,
 )
-from fedswarm.common.swarm_cli import SwarmSecurity, security_of
+from fedswarm.common.swarm_cli import SwarmSecurity, SwarmServeSecurity, security_of
 from fedswarm.server.swarm.options import ServeOptions
 
 
@@ -30,6 +30,11 @@ class RegistryCommand(SwarmSecurity):
     )
     deny_file: str | None = option(
         None, "file of fingerprints to drop and refuse, one per line; re-read whenever it changes"
+    )
+    client_port: int | None = option(
+        None,
+        "a second port where clients list the servers with the swarm token in place of a client certificate "
+        "(TLS; nobody announces there); default: none",
     )
 
 
@@ -55,7 +60,7 @@ class ServeTarget:
 
 
 @dataclass(frozen=True, kw_only=True)
-class ServeCommand(SwarmSecurity, ServeOptions, ServeTarget):
+class ServeCommand(SwarmServeSecurity, ServeOptions, ServeTarget):
     """``fedswarm swarm serve``: what to serve, how (``ServeOptions``), and its security."""
 
 
@@ -81,7 +86,9 @@ def run_registry(args: argparse.Namespace) -> int:
         deny = DenyList(args.deny or (), Path(args.deny_file) if args.deny_file else None)
     except ValueError as exc:
         raise FedswarmError(f"--deny: {exc}") from None
-    return run(args.host, args.port, security, deny)  # type: ignore[arg-type]
+    if args.client_port is not None and (args.insecure or not security.token):  # type: ignore[attr-defined]
+        raise FedswarmError("--client-port needs TLS and the swarm token (--token or $FEDSWARM_SWARM_TOKEN)")
+    return run(args.host, args.port, security, deny, args.client_port)  # type: ignore[arg-type]
 
 
 def run_serve(args: argparse.Namespace) -> int:

@@ -266,24 +266,37 @@ def _check_version(version: int, context: Any) -> None:
         )
 
 
-def start_registry(host: str, port: int, security: Security, deny: DenyList | None = None) -> tuple[Any, int]:
-    """Start a registry server in this process; returns the gRPC server and its bound port."""
+def start_registry(
+    host: str, port: int, security: Security, deny: DenyList | None = None, client_port: int | None = None
+) -> tuple[Any, int, int | None]:
+    """Start a registry server in this process; returns the gRPC server, its bound port, and the bound
+    ``client_port`` (TLS without client certificates: clients list with the token; nobody can announce)."""
+    import dataclasses
+
     import grpc
 
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=8), interceptors=server_interceptors(security))
     servicer = RegistryServicer(RegistryTable(deny=deny), require_identity=security.tls_cert is not None)
     swarm_pb2_grpc.add_RegistryServicer_to_server(servicer, server)
     bound = bind_server(server, host, port, security)
+    for_clients = None
+    if client_port is not None:
+        for_clients = bind_server(server, host, client_port, dataclasses.replace(security, client_certs=False))
     server.start()
-    return server, bound
+    return server, bound, for_clients
 
 
-def run_registry(host: str, port: int, security: Security, deny: DenyList | None = None) -> int:
+def run_registry(
+    host: str, port: int, security: Security, deny: DenyList | None = None, client_port: int | None = None
+) -> int:
     """``fedswarm swarm registry``: serve until interrupted."""
-    server, bound = start_registry(host, port, security, deny)
+    server, bound, for_clients = start_registry(host, port, security, deny, client_port)
     tls = "mutual TLS, server certificates checked" if security.tls_cert else "plaintext"
     auth = "token required" if security.token else "no token"
     log.info("registry listening on %s:%d (%s, %s)", host, bound, tls, auth)
+    if for_clients is not None:
+        log.info("clients with the token (no certificate) list on %s:%d", host, for_clients)
+        print(f"registry client port {host}:{for_clients}", flush=True)
     print(f"registry ready on {host}:{bound}", flush=True)
     try:
         server.wait_for_termination()
