@@ -134,3 +134,34 @@ def test_max_tokens_must_fit_the_context_and_defaults_to_what_is_left():
         service.check_length(runtime, [1] * 10, None, default=256)
     with pytest.raises(InputError, match="prompt: empty"):
         service.check_length(runtime, [], None, default=256)
+
+
+def test_applications_authenticate_with_their_own_api_keys():
+    from concurrent.futures import ThreadPoolExecutor
+
+    from fastapi.testclient import TestClient
+
+    from fedswarm.client.swarm.api import ApiState, build_app
+    from fedswarm.client.swarm.service import SwarmService
+    from fedswarm.protos.transport import Security
+
+    service = SwarmService(["127.0.0.1:1"], Security())  # unreachable: an admitted request gets 503
+    with ThreadPoolExecutor(1) as pool:
+        app = build_app(ApiState(service, ApiMetrics(), pool, api_keys=("key-one", "key-two")))
+        with TestClient(app) as http:
+            answers = {
+                header: http.get("/v1/models", headers={"Authorization": header} if header else {})
+                for header in ("", "Bearer wrong", "Basic key-one", "Bearer key-one", "bearer  key-two ")
+            }
+    for header in ("", "Basic key-one"):
+        assert answers[header].status_code == 401
+        assert answers[header].json()["error"]["message"] == (
+            "missing bearer token: send 'Authorization: Bearer <an API key>'"
+        )
+    assert answers["Bearer wrong"].status_code == 401
+    assert (
+        answers["Bearer wrong"].json()["error"] | {"message": "invalid API key", "code": "invalid_api_key"}
+        == (answers["Bearer wrong"].json()["error"])
+    )
+    for header in ("Bearer key-one", "bearer  key-two "):
+        assert answers[header].status_code == 503, answers[header].text  # admitted; the swarm is unreachable

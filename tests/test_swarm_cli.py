@@ -186,3 +186,20 @@ def test_token_authentication_needs_a_token_and_tls(certs, capsys, monkeypatch):
     for message, argv in cases.items():
         assert main(argv) == 2
         assert capsys.readouterr().err.strip().splitlines() == [f"fedswarm swarm: error: {message}"], argv
+
+
+def test_the_http_api_needs_keys_for_its_applications(certs, capsys, monkeypatch):
+    from fedswarm.common.cli import main
+
+    monkeypatch.delenv("FEDSWARM_SWARM_TOKEN", raising=False)
+    monkeypatch.delenv("FEDSWARM_API_KEY", raising=False)
+    root, _ = certs
+    tls = ["--tls-ca", str(root / "ca.crt"), "--tls-cert", str(root / "s1.pem"), "--tls-key", str(root / "s1.key")]
+    api = ["swarm", "api", "--registry", "127.0.0.1:9", "--port", "0", *tls]
+    assert main(api) == 2
+    assert main([*api, "--api-key", " "]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "fedswarm swarm: error: the HTTP API needs --api-key KEY (or $FEDSWARM_API_KEY) for its applications' bearer "
+        "tokens, or --insecure on a trusted machine",
+        "fedswarm swarm: error: --api-key: an empty key would let every request in",
+    ]
