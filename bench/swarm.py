@@ -45,6 +45,7 @@ def main() -> None:
     parser.add_argument("--no-adapters", action="store_true", help="skip the unmerged-vs-merged adapter comparison")
     parser.add_argument("--no-tls", action="store_true", help="skip the mutual-TLS-vs-plaintext comparison")
     parser.add_argument("--only-tls", action="store_true", help="only the mutual-TLS-vs-plaintext comparison")
+    parser.add_argument("--only-streams", action="store_true", help="only the concurrent streams")
     args = parser.parse_args()
 
     # Idle OpenMP threads must not spin while another process of the pipeline computes; the
@@ -59,7 +60,10 @@ def main() -> None:
         try:
             if args.only_tls:
                 args.no_adapters, args.streams = True, ""
-            memory = {} if args.only_tls else measure_memory(Path(tmp), args.model, env, procs)
+            if args.only_streams:
+                args.no_adapters, args.no_tls = True, True
+            alone = args.only_tls or args.only_streams
+            memory = {} if alone else measure_memory(Path(tmp), args.model, env, procs)
             adapter = None if args.no_adapters else make_adapter(Path(tmp) / "adapter", args.model)
             unmerged = [f"--adapter=bench={adapter}"] if adapter else []
             registry = start(Path(tmp), "reg", ["registry", "--port", str(free_port()), *INSECURE], env, procs)
@@ -68,7 +72,7 @@ def main() -> None:
                 serve = [*serve_args(registry, args.model, span, args.threads), *unmerged, *INSECURE]
                 servers.append(start(Path(tmp), f"s{i}", serve, env, procs))
             wait_listed(registry, len(servers))
-            if not args.only_tls:
+            if not alone:
                 report(run(args, registry), memory, args)
             counts = [int(n) for n in args.streams.split(",") if n]
             if counts:
