@@ -151,3 +151,13 @@ def test_certs_command_issues_swarm_certificates(tmp_path, capsys):
         "fedswarm certs: error: --issue needs --name NAME (the certificate's files are NAME.pem and NAME.key)",
         "fedswarm certs: error: --name goes with --issue server|client",
     ]
+
+
+def test_without_tls_each_address_has_its_own_announcement_budget():
+    now = [0.0]
+    table = RegistryTable(clock=lambda: now[0])
+    for _ in range(ANNOUNCE_BURST):
+        table.announce(_info("127.0.0.1:1"), 10.0)
+    with pytest.raises(RefusedError, match="too many announcements"):
+        table.announce(_info("127.0.0.1:1"), 10.0)
+    table.announce(_info("127.0.0.1:2"), 10.0)  # another server of the same plaintext swarm

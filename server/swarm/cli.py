@@ -44,7 +44,10 @@ class ServeTarget:
 
     registry: list[str] = registry_option()
     model: str = model_option()
-    blocks: str = required("START:END, END exclusive (e.g. 0:15)")
+    blocks: str = required(
+        "START:END, END exclusive (e.g. 0:15); or auto: take the --num-blocks blocks the swarm needs most, "
+        "and move when the swarm's load changes"
+    )
     adapter: list[str] | None = option(
         None,
         "NAME=DIR: serve the PEFT LoRA folder DIR (e.g. a run's adapter/) unmerged as NAME, reloaded when it "
@@ -93,20 +96,32 @@ def run_registry(args: argparse.Namespace) -> int:
 
 def run_serve(args: argparse.Namespace) -> int:
     from fedswarm.common.addresses import registries_arg
+    from fedswarm.common.errors import FedswarmError
     from fedswarm.common.model import parse_model
     from fedswarm.server.swarm.options import ServeConfig, parse_adapters
     from fedswarm.server.swarm.server import parse_blocks, run_server
 
-    start, end = parse_blocks(args.blocks)
+    auto = args.blocks.strip().lower() == "auto"
+    options = from_args(ServeOptions, args)
+    if not auto and options.num_blocks:
+        raise FedswarmError("--num-blocks applies to --blocks auto only (START:END says how many blocks)")
+    start, end = (0, 0) if auto else parse_blocks(args.blocks)
+    spec, registries = parse_model(args.model), registries_arg(args.registry)
     merged, adapters = parse_adapters(args.adapter or [])
+    security = security_of(args)
+    if auto:
+        from fedswarm.server.swarm.rebalance import auto_span
+
+        start, end = auto_span(spec, merged, registries, security, options)  # type: ignore[arg-type]
     cfg = ServeConfig(
-        spec=parse_model(args.model),
+        spec=spec,
         start=start,
         end=end,
-        registries=registries_arg(args.registry),
+        registries=registries,
         adapter=merged,
         adapters=adapters,
         adapter_roots=tuple(Path(root).expanduser() for root in args.adapter_dir or []),
-        options=from_args(ServeOptions, args),
+        options=options,
+        auto=auto,
     )
-    return run_server(cfg, security_of(args))  # type: ignore[arg-type]
+    return run_server(cfg, security)  # type: ignore[arg-type]

@@ -36,6 +36,13 @@ class ServeOptions:
     batch_wait_ms: float = option(2.0, "longest wait for other sessions' decode steps before computing, ms")
     adapter_poll: float = option(2.0, "seconds between checks of the adapter folders for new versions and adapters")
     metrics_port: int | None = option(None, "HTTP port for Prometheus metrics (0: a free one, printed); default: off")
+    num_blocks: int = option(0, "with --blocks auto: how many blocks to hold; 0: all of the model's")
+    rebalance_interval: float = option(
+        30.0, "with --blocks auto: seconds between checks whether moving would strengthen the swarm; 0: never move"
+    )
+    rebalance_gain: float = option(
+        1.5, "with --blocks auto: move only to close a gap or to multiply the weakest block's throughput by this"
+    )
 
 
 @dataclass(frozen=True)
@@ -85,3 +92,4 @@ class ServeConfig:
     adapters: tuple[AdapterSource, ...] = ()  # unmerged adapters, chosen per request by name
     adapter_roots: tuple[Path, ...] = ()  # folders whose adapter subfolders are served under their names
     options: ServeOptions = ServeOptions()
+    auto: bool = False  # --blocks auto: the span was chosen from the swarm's load, and moves with it

@@ -124,7 +124,7 @@ class RegistryTable:
             self._drop(denied)
             if owner in denied:
                 raise RefusedError("denied", f"certificate {identity.name!r} ({owner}) is denied")  # type: ignore[union-attr]
-            self._take_token(owner)
+            self._take_token(owner or f"address {info.address}")  # without TLS, no identity: per address
             held = self._entries.get(info.address)
             if held is not None and held.owner != owner:
                 raise RefusedError(
@@ -163,7 +163,7 @@ class RegistryTable:
             return out
 
     def _take_token(self, owner: str) -> None:
-        """A token bucket per identity: ANNOUNCE_BURST at once, ANNOUNCE_RATE per second after."""
+        """A token bucket per identity (``owner``): ANNOUNCE_BURST at once, ANNOUNCE_RATE per second after."""
         now = self._clock()
         tokens, last = self._buckets.get(owner, (float(ANNOUNCE_BURST), now))
         tokens = min(float(ANNOUNCE_BURST), tokens + (now - last) * ANNOUNCE_RATE)

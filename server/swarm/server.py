@@ -9,13 +9,18 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+from collections.abc import Callable
 from concurrent import futures
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fedswarm.common.memory import peak_rss_mb
 from fedswarm.protos import swarm_pb2, swarm_pb2_grpc
 from fedswarm.protos.transport import Security, bind_server, server_interceptors
 from fedswarm.server.swarm.options import ServeConfig
+
+if TYPE_CHECKING:
+    from fedswarm.server.swarm.served import ServedSpan
+    from fedswarm.server.swarm.sessions import SessionTable
 
 log = logging.getLogger("fedswarm.swarm.server")
 
@@ -41,13 +46,10 @@ def start_server(cfg: ServeConfig, security: Security) -> tuple[Any, Any, swarm_
 
     from fedswarm.common.device import resolve_device
     from fedswarm.common.errors import FedswarmError
-    from fedswarm.server.swarm.adapter import merge_adapter
-    from fedswarm.server.swarm.adapters import AdapterStore
     from fedswarm.server.swarm.announcer import Announcer
-    from fedswarm.server.swarm.blocks import load_span, num_blocks
+    from fedswarm.server.swarm.blocks import num_blocks
     from fedswarm.server.swarm.handler import BlockServicer
     from fedswarm.server.swarm.metrics import ServerMetrics, start_metrics_http
-    from fedswarm.server.swarm.scheduler import BatchScheduler
     from fedswarm.server.swarm.sessions import SessionTable
     from fedswarm.server.swarm.throughput import measure_throughput
 
@@ -58,16 +60,13 @@ def start_server(cfg: ServeConfig, security: Security) -> tuple[Any, Any, swarm_
     device = resolve_device(opts.device)  # a one-line error before anything loads
     if opts.threads > 0:
         torch.set_num_threads(opts.threads)
-    span = load_span(cfg.spec, cfg.start, cfg.end, device)
-    adapter = merge_adapter(span, cfg.adapter) if cfg.adapter is not None else ""
-    adapters = AdapterStore(span, cfg.adapters, cfg.adapter_roots)
-    adapters.poll(strict=True)  # a bad adapter folder fails now, in one line; a missing one is watched
-    throughput = opts.throughput or measure_throughput(span)
     sessions = SessionTable(int(opts.cache_mb * 2**20), opts.session_idle, max_sessions=opts.max_sessions)
-    scheduler = BatchScheduler(span, opts.max_batch, opts.batch_wait_ms / 1e3, lambda: sessions.count).start()
+    adapter, served = _load(cfg, cfg.start, cfg.end, device, sessions, strict=True)
+    span, adapters, scheduler = served.span, served.adapters, served.scheduler
+    throughput = opts.throughput or measure_throughput(span)
     workers = opts.max_sessions + 8  # a thread per open session, and some for Forward and Info
     metrics = ServerMetrics(adapter)
-    metrics.watch(lambda: sessions.count, lambda: scheduler.queue_depth, lambda: sessions.used_bytes)
+    metrics.watch(lambda: sessions.count, lambda: servicer.scheduler.queue_depth, lambda: sessions.used_bytes)
     scheduler.on_batch = metrics.observe_batch
     interceptors = [metrics.interceptor(), *server_interceptors(security)]  # outermost: refused calls count too
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), interceptors=interceptors)
@@ -81,7 +80,7 @@ def start_server(cfg: ServeConfig, security: Security) -> tuple[Any, Any, swarm_
         adapter_id=adapter,
         num_blocks=num_blocks(cfg.spec),
         version=_version(),
-        adapters=adapters.announced(),
+        adapters=adapters.announced() if adapters is not None else [],
     )
     servicer = BlockServicer(span, info, sessions, opts.max_length, adapters, scheduler)
     swarm_pb2_grpc.add_BlockServerServicer_to_server(servicer, server)
@@ -93,17 +92,30 @@ def start_server(cfg: ServeConfig, security: Security) -> tuple[Any, Any, swarm_
     sessions.start_reaper(stop)
     announcer = Announcer(cfg.registries, info, opts.ttl, security)
     announcer.start()
+    publish = _publisher(servicer, announcer)
 
     def reannounce() -> None:
-        fresh = swarm_pb2.ServerInfo()
-        fresh.CopyFrom(servicer.info)
-        del fresh.adapters[:]
-        fresh.adapters.extend(adapters.announced())
-        servicer.info = fresh
-        announcer.update(fresh)
+        def new_adapters(fresh: swarm_pb2.ServerInfo) -> None:
+            del fresh.adapters[:]
+            if servicer.adapters is not None:
+                fresh.adapters.extend(servicer.adapters.announced())
 
-    if cfg.adapters or cfg.adapter_roots:
-        adapters.start_watcher(stop, reannounce, opts.adapter_poll)
+        publish(new_adapters)
+
+    def watch(served: ServedSpan) -> None:
+        if (cfg.adapters or cfg.adapter_roots) and served.adapters is not None:
+            served.adapters.start_watcher(served.stopped, reannounce, opts.adapter_poll)
+
+    watch(servicer.served)
+    if cfg.auto and opts.rebalance_interval > 0:
+
+        def load(start: int, end: int) -> ServedSpan:
+            served = _load(cfg, start, end, device, sessions, strict=False)[1]
+            served.scheduler.on_batch = metrics.observe_batch
+            watch(served)
+            return served
+
+        _start_rebalancer(cfg, security, servicer, publish, stop, load)
     log.info(
         "serving blocks %d:%d of %s on %s (device %s): %.1f MiB of weights, %.0f block-tokens/s, merged adapter "
         "%s, unmerged adapters %s, peak RSS %.0f MiB",
@@ -111,6 +123,59 @@ def start_server(cfg: ServeConfig, security: Security) -> tuple[Any, Any, swarm_
         adapter or "none", ", ".join(f"{a.name}={a.digest}" for a in info.adapters) or "none", peak_rss_mb(),
     )  # fmt: skip
     return server, announcer, info, device
+
+
+def _load(
+    cfg: ServeConfig, start: int, end: int, device: str, sessions: SessionTable, strict: bool
+) -> tuple[str, ServedSpan]:
+    """Blocks ``start:end`` ready to serve (merged adapter, unmerged ones, compute thread); returns the merged
+    adapter's id too. ``strict`` (at start-up) fails in one line on a bad adapter folder; else it is logged."""
+    from fedswarm.server.swarm.adapter import merge_adapter
+    from fedswarm.server.swarm.adapters import AdapterStore
+    from fedswarm.server.swarm.blocks import load_span
+    from fedswarm.server.swarm.scheduler import BatchScheduler
+    from fedswarm.server.swarm.served import ServedSpan
+
+    opts = cfg.options
+    span = load_span(cfg.spec, start, end, device)
+    adapter = merge_adapter(span, cfg.adapter) if cfg.adapter is not None else ""
+    adapters = AdapterStore(span, cfg.adapters, cfg.adapter_roots)
+    adapters.poll(strict=strict)  # a bad adapter folder fails now, in one line; a missing one is watched
+    scheduler = BatchScheduler(span, opts.max_batch, opts.batch_wait_ms / 1e3, lambda: sessions.count).start()
+    return adapter, ServedSpan(span, scheduler, adapters)
+
+
+def _publisher(servicer: Any, announcer: Any) -> Callable[[Callable[[swarm_pb2.ServerInfo], None]], None]:
+    """Edits of the server's info (a new adapter version, a move), each served and announced in turn."""
+    lock = threading.Lock()
+
+    def publish(edit: Callable[[swarm_pb2.ServerInfo], None]) -> None:
+        with lock:
+            fresh = swarm_pb2.ServerInfo()
+            fresh.CopyFrom(servicer.info)
+            edit(fresh)
+            servicer.info = fresh
+            announcer.update(fresh)
+
+    return publish
+
+
+def _start_rebalancer(
+    cfg: ServeConfig,
+    security: Security,
+    servicer: Any,
+    publish: Callable[[Callable[[swarm_pb2.ServerInfo], None]], None],
+    stop: threading.Event,
+    load: Callable[[int, int], ServedSpan],
+) -> None:
+    from fedswarm.server.swarm.rebalance import Rebalancer, SpanMover, SwarmKey, list_swarm
+
+    info = servicer.info
+    key = SwarmKey(info.model_id, info.adapter_id, info.num_blocks)
+    mover = SpanMover(servicer, load, publish, drain_s=cfg.options.session_idle)
+    lister = lambda: list_swarm(cfg.registries, security, key.model_id)  # noqa: E731
+    rebalancer = Rebalancer(key, lister, lambda: servicer.info, mover, cfg.options.rebalance_gain)
+    rebalancer.start(stop, cfg.options.rebalance_interval)
 
 
 def run_server(cfg: ServeConfig, security: Security) -> int:
