@@ -14,9 +14,9 @@ from dataclasses import dataclass
 
 from fedswarm.client.swarm.routing import NoRouteError, Peer, missing_blocks
 from fedswarm.common.errors import FedswarmError
-from fedswarm.protos import swarm_pb2, swarm_pb2_grpc
-from fedswarm.protos.tensors import PROTOCOL_VERSION
-from fedswarm.protos.transport import Security, open_channel
+from fedswarm.protos import swarm_pb2
+from fedswarm.protos.listing import list_registries
+from fedswarm.protos.transport import Security
 
 log = logging.getLogger("fedswarm.swarm.discovery")
 
@@ -91,30 +91,16 @@ def list_servers(registries: Sequence[str], security: Security) -> list[swarm_pb
     """Every live server any registry knows, one entry per address (the freshest wins)."""
     import grpc
 
-    merged: dict[str, swarm_pb2.ServerInfo] = {}
-    failures: list[str] = []
-    for registry in registries:
-        channel = open_channel(registry, security)
-        try:
-            stub = swarm_pb2_grpc.RegistryStub(channel)
-            request = swarm_pb2.ListRequest(protocol_version=PROTOCOL_VERSION)
-            reply = stub.List(request, timeout=REGISTRY_TIMEOUT_S, metadata=security.metadata())
-        except grpc.RpcError as exc:
-            detail = exc.details() or exc.code().name
-            if exc.code() == grpc.StatusCode.UNAUTHENTICATED:
-                raise FedswarmError(f"registry {registry} refused the swarm token ({detail})") from None
-            log.warning("registry %s unreachable: %s", registry, detail)
-            failures.append(f"{registry} ({exc.code().name})")
-            continue
-        finally:
-            channel.close()
-        for info in reply.servers:
-            known = merged.get(info.address)
-            if known is None or info.expires_in_s > known.expires_in_s:
-                merged[info.address] = info
+    servers, failures = list_registries(registries, security, timeout_s=REGISTRY_TIMEOUT_S)
+    for registry, exc in failures:
+        detail = exc.details() or exc.code().name
+        if exc.code() == grpc.StatusCode.UNAUTHENTICATED:
+            raise FedswarmError(f"registry {registry} refused the swarm token ({detail})") from None
+        log.warning("registry %s unreachable: %s", registry, detail)
     if failures and len(failures) == len(registries):
-        raise FedswarmError(f"registry unreachable: {', '.join(failures)}")
-    return [merged[a] for a in sorted(merged)]
+        unreachable = ", ".join(f"{registry} ({exc.code().name})" for registry, exc in failures)
+        raise FedswarmError(f"registry unreachable: {unreachable}")
+    return servers
 
 
 def choose_swarm(servers: Sequence[swarm_pb2.ServerInfo], model_id: str = "", adapter_id: str | None = None) -> Swarm:

@@ -20,9 +20,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from fedswarm.common.errors import FedswarmError
-from fedswarm.protos import swarm_pb2, swarm_pb2_grpc
-from fedswarm.protos.tensors import PROTOCOL_VERSION
-from fedswarm.protos.transport import Security, open_channel
+from fedswarm.protos import swarm_pb2
+from fedswarm.protos.listing import list_registries
+from fedswarm.protos.transport import Security
 from fedswarm.server.swarm.placement import Announced, Move, choose_span, should_move
 
 if TYPE_CHECKING:
@@ -62,28 +62,14 @@ def list_swarm(registries: Sequence[str], security: Security, model_id: str) -> 
     """The live servers of ``model_id`` any registry lists, one per address (the freshest entry wins)."""
     import grpc
 
-    merged: dict[str, swarm_pb2.ServerInfo] = {}
-    failures = []
-    for registry in registries:
-        channel = open_channel(registry, security)
-        try:
-            request = swarm_pb2.ListRequest(protocol_version=PROTOCOL_VERSION, model_id=model_id)
-            stub = swarm_pb2_grpc.RegistryStub(channel)
-            reply = stub.List(request, timeout=REGISTRY_TIMEOUT_S, metadata=security.metadata())
-        except grpc.RpcError as exc:
-            if exc.code() in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
-                raise FedswarmError(f"registry {registry} refused this server ({exc.details()})") from None
-            failures.append(f"{registry} ({exc.code().name})")
-            continue
-        finally:
-            channel.close()
-        for info in reply.servers:
-            known = merged.get(info.address)
-            if known is None or info.expires_in_s > known.expires_in_s:
-                merged[info.address] = info
+    servers, failures = list_registries(registries, security, model_id, timeout_s=REGISTRY_TIMEOUT_S)
+    for registry, exc in failures:
+        if exc.code() in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+            raise FedswarmError(f"registry {registry} refused this server ({exc.details()})") from None
     if failures and len(failures) == len(registries):
-        raise RegistriesUnreachable(f"registry unreachable: {', '.join(failures)}")
-    return [merged[a] for a in sorted(merged)]
+        unreachable = ", ".join(f"{registry} ({exc.code().name})" for registry, exc in failures)
+        raise RegistriesUnreachable(f"registry unreachable: {unreachable}")
+    return servers
 
 
 def initial_span(
