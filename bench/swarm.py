@@ -13,6 +13,8 @@ servers applying a random rank-8 LoRA unmerged (``--adapter bench=DIR``, per req
 servers with the same adapter merged (``--adapter DIR``, on their own registry). Security: one
 stream through the plaintext (``--insecure``) servers against one through the same split served
 with mutual TLS (certificates from ``fedswarm certs``, the token on top), on their own registry.
+HTTP API: one greedy completion streamed through ``fedswarm swarm api`` with the ``openai``
+client against ``fedswarm swarm generate``, on the same servers.
 
     .venv/bin/python bench/swarm.py [--tokens 32] [--repeats 3] [--threads 2] [--streams 1,4,8] [--no-tls]
 """
@@ -46,6 +48,8 @@ def main() -> None:
     parser.add_argument("--no-tls", action="store_true", help="skip the mutual-TLS-vs-plaintext comparison")
     parser.add_argument("--only-tls", action="store_true", help="only the mutual-TLS-vs-plaintext comparison")
     parser.add_argument("--only-streams", action="store_true", help="only the concurrent streams")
+    parser.add_argument("--no-api", action="store_true", help="skip the HTTP-API-vs-CLI comparison")
+    parser.add_argument("--only-api", action="store_true", help="only the HTTP-API-vs-CLI comparison")
     args = parser.parse_args()
 
     # Idle OpenMP threads must not spin while another process of the pipeline computes; the
@@ -61,8 +65,12 @@ def main() -> None:
             if args.only_tls:
                 args.no_adapters, args.streams = True, ""
             if args.only_streams:
-                args.no_adapters, args.no_tls = True, True
-            alone = args.only_tls or args.only_streams
+                args.no_adapters, args.no_tls, args.no_api = True, True, True
+            if args.only_api:
+                args.no_adapters, args.no_tls, args.streams = True, True, ""
+            if args.only_tls:
+                args.no_api = True
+            alone = args.only_tls or args.only_streams or args.only_api
             memory = {} if alone else measure_memory(Path(tmp), args.model, env, procs)
             adapter = None if args.no_adapters else make_adapter(Path(tmp) / "adapter", args.model)
             unmerged = [f"--adapter=bench={adapter}"] if adapter else []
@@ -86,6 +94,8 @@ def main() -> None:
                 report_adapters(compare_adapters(args, registry, mreg))
             if not args.no_tls:
                 report_tls(compare_tls(args, Path(tmp), registry, env, procs))
+            if not args.no_api:
+                report_api(compare_api(args, Path(tmp), registry, env, procs))
         finally:
             stop(procs)
 
@@ -203,6 +213,46 @@ def compare_tls(args: argparse.Namespace, folder: Path, registry: str, env: dict
     app = Security("bench-token", certs / "ca.crt", certs / "app.pem", certs / "app.key")
     wait_listed(treg, len(SPLIT), app)
     return compare_streams(args, {"plaintext": SwarmClient([registry]), "mutual TLS": SwarmClient([treg], app)})
+
+
+def compare_api(args: argparse.Namespace, folder: Path, registry: str, env: dict, procs: list) -> dict[str, float]:
+    """Tokens/s of one greedy completion streamed through `fedswarm swarm api` (the `openai` client, from the
+    request to the last chunk) and of `fedswarm swarm generate` (its own figure: start to last token),
+    interleaved; both must give the same text."""
+    import openai
+
+    url = start(folder, "api", ["api", "--registry", registry, "--port", "0", "--threads", str(args.threads),
+                                *INSECURE], env, procs)  # fmt: skip
+    client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=600)
+    model = client.models.list().data[0].id
+    cli = [sys.executable, "-m", "fedswarm.common.cli", "swarm", "generate", "--registry", registry, *INSECURE]
+    cli += ["--threads", str(args.threads), "--max-new-tokens", str(args.tokens), PROMPT]
+
+    def through_api() -> tuple[str, float]:
+        begin, text, count = time.perf_counter(), "", 0
+        stream = client.completions.create(model=model, prompt=PROMPT, max_tokens=args.tokens, temperature=0,
+                                           stream=True, stream_options={"include_usage": True})  # fmt: skip
+        for chunk in stream:
+            if chunk.choices:
+                text += chunk.choices[0].text
+            if chunk.usage is not None:
+                count = chunk.usage.completion_tokens
+        return text, count / (time.perf_counter() - begin)
+
+    def through_cli() -> tuple[str, float]:
+        done = subprocess.run(cli, capture_output=True, text=True, env=env, timeout=600, check=True)
+        rate = float(re.search(r"tokens, ([\d.]+) tokens/s", done.stderr).group(1))  # type: ignore[union-attr]
+        return done.stdout.removesuffix("\n"), rate
+
+    through_api()  # warm-up: the API loads its head and tokenizer on the first request
+    rates: dict[str, list[float]] = {"api": [], "cli": []}
+    for _ in range(args.repeats):
+        (api_text, api_rate), (cli_text, cli_rate) = through_api(), through_cli()
+        if api_text != cli_text:
+            raise SystemExit(f"the API's text {api_text!r} differs from the CLI's {cli_text!r}")
+        rates["api"].append(api_rate)
+        rates["cli"].append(cli_rate)
+    return {name: statistics.median(values) for name, values in rates.items()}
 
 
 def compare_streams(args: argparse.Namespace, clients: dict) -> dict[str, float]:
@@ -377,6 +427,12 @@ def report_streams(streams: dict[int, tuple[float, float]]) -> None:
             f"inter-token {latency * 1e3:.1f} ms ({latency / one_latency:.2f}x one stream's)"
         )
     print("goal: 8 streams >= 4x one stream's tokens/s, each stream's inter-token latency <= 2x")
+
+
+def report_api(rates: dict[str, float]) -> None:
+    print(f"fedswarm swarm generate : {rates['cli']:7.1f} tokens/s (start to last token)")
+    print(f"HTTP API, streamed      : {rates['api']:7.1f} tokens/s (request to last chunk, openai client)")
+    print(f"ratio API/CLI: {rates['api'] / rates['cli']:.2f} (goal >= 0.95)")
 
 
 def report_tls(times: dict[str, float]) -> None:
