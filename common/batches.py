@@ -40,11 +40,24 @@ def encode(tokenizer: PreTrainedTokenizerBase, example: Example, max_len: int) -
     return Encoded(tuple(prompt + answer), len(prompt))
 
 
-def collate(batch: Sequence[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded ``input_ids``, ``attention_mask`` and ``labels`` (-100 outside the answer)."""
+# Training pads each batch's width up to a multiple of this many tokens. A process that trains on
+# batches of ever new shapes (a Ray actor or a worker serving several nodes' data in turn) grows its
+# heap with every new shape, below Python and torch's objects: 4 nodes served in turn crept from 1.93
+# to 2.34 GB of peak RSS over 2 rounds, and stayed within 1.86-2.01 GB with widths rounded up to 64.
+TRAIN_PAD_MULTIPLE = 64
+
+
+def padded_width(longest: int, multiple: int = 1) -> int:
+    """``longest`` rounded up to a multiple of ``multiple``."""
+    return -(-longest // multiple) * multiple
+
+
+def collate(batch: Sequence[Encoded], pad_id: int, multiple: int = 1) -> dict[str, torch.Tensor]:
+    """Right-padded ``input_ids``, ``attention_mask`` and ``labels`` (-100 outside the answer), the width
+    rounded up to a multiple of ``multiple`` (padding is masked and unlabelled: the loss is unchanged)."""
     import torch
 
-    width = max(len(e.input_ids) for e in batch)
+    width = padded_width(max(len(e.input_ids) for e in batch), multiple)
     ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(batch), width), dtype=torch.long)
     labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)

@@ -51,3 +51,41 @@ def test_micro_batched_gradient_equals_the_whole_batch(tiny_lora_f64, tokenizer)
         assert torch.allclose(got, want, rtol=1e4 * eps, atol=1e4 * eps * float(want.abs().max()))
     with torch.no_grad():
         assert abs(loss - float(answer_loss(tiny_lora_f64, whole))) < 1e4 * eps * abs(loss)
+
+
+def test_padding_to_a_multiple_keeps_the_budget_and_the_shapes_few():
+    from fedswarm.common.batches import padded_width
+
+    assert [padded_width(n, 64) for n in (1, 63, 64, 65, 128)] == [64, 64, 64, 128, 128]
+    rows = _rows([60, 50, 70, 10, 10, 10, 10, 10, 10])
+    # by hand, widths rounded to 64: [60, 50] 2 x 64; + 70 -> 3 x 128 > 256: new part [70, 10] 2 x 128;
+    # + 10 -> 3 x 128 > 256: new part [10 x 4] 4 x 64 = 256; + 10 -> 5 x 64 > 256: [10]
+    parts = micro_batches(rows, max_tokens=256, multiple=64)
+    assert [[len(r.input_ids) for r in p] for p in parts] == [[60, 50], [70, 10], [10, 10, 10, 10], [10]]
+    widths = {tuple(collate(p, 0, 64)["input_ids"].shape) for p in parts}
+    assert widths == {(2, 64), (2, 128), (4, 64), (1, 64)}
+
+
+def test_padding_to_a_multiple_leaves_loss_and_gradient_unchanged(tiny_lora_f64, tokenizer):
+    """Right padding is masked and unlabelled, and causal attention never lets a real token see it."""
+    examples = [
+        Example((("system", "Reply 1 or 0."), ("user", "number " + "7 " * (i % 5))), str(i % 2), str(i % 2))
+        for i in range(4)
+    ]
+    pad = int(tokenizer.pad_token_id)
+    rows = [encode(tokenizer, e, 64) for e in examples]
+    params = [p for p in tiny_lora_f64.parameters() if p.requires_grad]
+    grads, losses = [], []
+    for multiple in (1, 64):
+        batch = collate(rows, pad, multiple)
+        assert batch["input_ids"].shape[1] % multiple == 0
+        loss = answer_loss(tiny_lora_f64, batch)
+        loss.backward()
+        losses.append(float(loss.detach()))
+        grads.append([p.grad.clone() for p in params])
+        for p in params:
+            p.grad = None
+    eps = torch.finfo(torch.float64).eps
+    assert abs(losses[0] - losses[1]) < 1e4 * eps * abs(losses[0])
+    for got, want in zip(grads[1], grads[0], strict=True):
+        assert torch.allclose(got, want, rtol=1e4 * eps, atol=1e4 * eps * float(want.abs().max()))

@@ -11,7 +11,16 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from fedswarm.common.batches import Encoded, answer_loss, answer_tokens, collate, encode, to_device
+from fedswarm.common.batches import (
+    TRAIN_PAD_MULTIPLE,
+    Encoded,
+    answer_loss,
+    answer_tokens,
+    collate,
+    encode,
+    padded_width,
+    to_device,
+)
 from fedswarm.common.data import Example
 from fedswarm.common.device import autocast_for
 from fedswarm.common.errors import FedswarmError, InputError
@@ -29,15 +38,18 @@ log = logging.getLogger(__name__)
 MICRO_BATCH_TOKENS = 256
 
 
-def micro_batches(rows: Sequence[Encoded], max_tokens: int = MICRO_BATCH_TOKENS) -> list[Sequence[Encoded]]:
-    """``rows`` in order, cut into runs whose padded size (rows x longest row) stays within ``max_tokens``."""
+def micro_batches(
+    rows: Sequence[Encoded], max_tokens: int = MICRO_BATCH_TOKENS, multiple: int = 1
+) -> list[Sequence[Encoded]]:
+    """``rows`` in order, cut into runs whose padded size (rows x the longest row, rounded up to a
+    multiple of ``multiple`` as ``collate`` pads it) stays within ``max_tokens``."""
     out: list[Sequence[Encoded]] = []
     start, longest = 0, 0
     for i, row in enumerate(rows):
-        wider = max(longest, len(row.input_ids))
+        wider = max(longest, padded_width(len(row.input_ids), multiple))
         if i > start and wider * (i + 1 - start) > max_tokens:
             out.append(rows[start:i])
-            start, wider = i, len(row.input_ids)
+            start, wider = i, padded_width(len(row.input_ids), multiple)
         longest = wider
     out.append(rows[start:])
     return out
@@ -86,7 +98,8 @@ def train_lora(
     for step in range(steps):
         pick = np.take(order, range(step * batch_size, (step + 1) * batch_size), mode="wrap")
         rows = [encode(tokenizer, examples[i], max_seq_len) for i in pick]
-        parts = [to_device(collate(part, pad), device) for part in micro_batches(rows)]
+        chunks = micro_batches(rows, multiple=TRAIN_PAD_MULTIPLE)
+        parts = [to_device(collate(part, pad, TRAIN_PAD_MULTIPLE), device) for part in chunks]
         total = sum(answer_tokens(part) for part in parts)  # the step's loss: the mean over all of them
         value = 0.0
         for part in parts:

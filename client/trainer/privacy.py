@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from fedswarm.common.accounting import ACCOUNTANTS, calibrate_noise, epsilon_of
-from fedswarm.common.batches import collate, encode, per_sample_answer_loss, to_device
+from fedswarm.common.batches import TRAIN_PAD_MULTIPLE, collate, encode, per_sample_answer_loss, to_device
 from fedswarm.common.data import Example
 from fedswarm.common.errors import FedswarmError
 
@@ -174,7 +174,8 @@ def train_lora_dp(
                 loss_sum = 0.0
                 for last, part in _micro_batches(chosen, settings.micro_batch):
                     batch = to_device(
-                        collate([encode(tokenizer, examples[i], max_seq_len) for i in part], pad), p0.device
+                        collate([encode(tokenizer, examples[i], max_seq_len) for i in part], pad, TRAIN_PAD_MULTIPLE),
+                        p0.device,
                     )
                     per_example = per_sample_answer_loss(model, batch)
                     loss_sum += float(per_example.detach().sum())
