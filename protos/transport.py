@@ -90,37 +90,35 @@ def security_from_args(
         if not Path(str(value)).is_file():
             raise FedswarmError(f"{flag} {value!r}: no such file")
     ca, cert, key = Path(str(tls_ca)), Path(str(tls_cert)), Path(str(tls_key))
-    security = Security(token=token, tls_ca=ca, tls_cert=cert, tls_key=key, client_certs=client_certs)
-    check_certificate(security)
-    return security
+    check_certificate(ca, cert, key)
+    return Security(token=token, tls_ca=ca, tls_cert=cert, tls_key=key, client_certs=client_certs)
 
 
-def check_certificate(security: Security) -> None:
+def check_certificate(ca_path: Path, cert_path: Path, key_path: Path) -> None:
     """One-line errors, before anything listens or dials, for files the handshake would refuse later."""
     from cryptography import x509
     from cryptography.hazmat.primitives import serialization
 
-    assert security.tls_ca and security.tls_cert and security.tls_key
     try:
-        ca = x509.load_pem_x509_certificate(security.tls_ca.read_bytes())
+        ca = x509.load_pem_x509_certificate(ca_path.read_bytes())
     except ValueError:
-        raise FedswarmError(f"--tls-ca {security.tls_ca}: not a PEM certificate") from None
+        raise FedswarmError(f"--tls-ca {ca_path}: not a PEM certificate") from None
     try:
-        cert = x509.load_pem_x509_certificate(security.tls_cert.read_bytes())
+        cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
     except ValueError:
-        raise FedswarmError(f"--tls-cert {security.tls_cert}: not a PEM certificate") from None
+        raise FedswarmError(f"--tls-cert {cert_path}: not a PEM certificate") from None
     try:
-        key = serialization.load_pem_private_key(security.tls_key.read_bytes(), password=None)
+        key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
     except (ValueError, TypeError):
-        raise FedswarmError(f"--tls-key {security.tls_key}: not an unencrypted PEM private key") from None
+        raise FedswarmError(f"--tls-key {key_path}: not an unencrypted PEM private key") from None
     try:
         cert.verify_directly_issued_by(ca)
-    except (ValueError, TypeError, Exception) as exc:  # noqa: BLE001 (InvalidSignature and friends)
+    except Exception as exc:  # noqa: BLE001 (InvalidSignature, or ValueError/TypeError for a mismatched key type)
         raise FedswarmError(
-            f"--tls-cert {security.tls_cert} was not issued by --tls-ca {security.tls_ca} ({type(exc).__name__})"
+            f"--tls-cert {cert_path} was not issued by --tls-ca {ca_path} ({type(exc).__name__})"
         ) from None
     if cert.public_key().public_numbers() != key.public_key().public_numbers():  # type: ignore[union-attr]
-        raise FedswarmError(f"--tls-key {security.tls_key} is not the key of --tls-cert {security.tls_cert}")
+        raise FedswarmError(f"--tls-key {key_path} is not the key of --tls-cert {cert_path}")
 
 
 def open_channel(address: str, security: Security) -> Any:

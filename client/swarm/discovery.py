@@ -20,8 +20,6 @@ from fedswarm.protos.transport import Security
 
 log = logging.getLogger("fedswarm.swarm.discovery")
 
-REGISTRY_TIMEOUT_S = 5.0
-
 
 @dataclass(frozen=True)
 class Swarm:
@@ -91,7 +89,7 @@ def list_servers(registries: Sequence[str], security: Security) -> list[swarm_pb
     """Every live server any registry knows, one entry per address (the freshest wins)."""
     import grpc
 
-    servers, failures = list_registries(registries, security, timeout_s=REGISTRY_TIMEOUT_S)
+    servers, failures = list_registries(registries, security)
     for registry, exc in failures:
         detail = exc.details() or exc.code().name
         if exc.code() == grpc.StatusCode.UNAUTHENTICATED:

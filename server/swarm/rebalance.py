@@ -33,7 +33,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("fedswarm.swarm.rebalance")
 
-REGISTRY_TIMEOUT_S = 5.0
 START_WAIT_S = 60.0  # how long a joining server waits for some registry to answer
 MAX_RETRY_S = 10.0
 
@@ -62,7 +61,7 @@ def list_swarm(registries: Sequence[str], security: Security, model_id: str) -> 
     """The live servers of ``model_id`` any registry lists, one per address (the freshest entry wins)."""
     import grpc
 
-    servers, failures = list_registries(registries, security, model_id, timeout_s=REGISTRY_TIMEOUT_S)
+    servers, failures = list_registries(registries, security, model_id)
     for registry, exc in failures:
         if exc.code() in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
             raise FedswarmError(f"registry {registry} refused this server ({exc.details()})") from None
@@ -207,9 +206,7 @@ class SpanMover:
 
         def moved(info: swarm_pb2.ServerInfo) -> None:
             info.start, info.end = start, end
-            del info.adapters[:]
-            if served.adapters is not None:
-                info.adapters.extend(served.adapters.announced())
+            served.announce_adapters(info)
 
         self.publish(moved)
         threading.Thread(target=self._retire, args=(old,), name="retire-span", daemon=True).start()

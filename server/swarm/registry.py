@@ -202,8 +202,9 @@ class RegistryServicer(swarm_pb2_grpc.RegistryServicer):
         problem = _invalid(info)
         if problem:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
-        identity = peer_identity(context) if self.require_identity else None
+        identity = None
         if self.require_identity:
+            identity = peer_identity(context)
             problem = _unauthorised(identity, info.address)
             if problem:
                 log.warning("refused announcement of %s from %s: %s", info.address, context.peer(), problem)

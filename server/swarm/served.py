@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from fedswarm.protos import swarm_pb2
     from fedswarm.server.swarm.adapters import AdapterStore
     from fedswarm.server.swarm.blocks import SpanModel
     from fedswarm.server.swarm.scheduler import BatchScheduler
@@ -59,6 +60,12 @@ class ServedSpan:
             finished = self._cond.wait_for(lambda: self._users == 0, wait_s)
         self.close()
         return finished
+
+    def announce_adapters(self, info: swarm_pb2.ServerInfo) -> None:
+        """Set ``info``'s unmerged adapters to the versions this span serves now."""
+        del info.adapters[:]
+        if self.adapters is not None:
+            info.adapters.extend(self.adapters.announced())
 
     def close(self) -> None:
         self.stopped.set()

@@ -80,8 +80,8 @@ def start_server(cfg: ServeConfig, security: Security) -> tuple[Any, Any, swarm_
         adapter_id=adapter,
         num_blocks=num_blocks(cfg.spec),
         version=_version(),
-        adapters=adapters.announced() if adapters is not None else [],
     )
+    served.announce_adapters(info)
     servicer = BlockServicer(span, info, sessions, opts.max_length, adapters, scheduler)
     swarm_pb2_grpc.add_BlockServerServicer_to_server(servicer, server)
     server.start()
@@ -95,12 +95,7 @@ def start_server(cfg: ServeConfig, security: Security) -> tuple[Any, Any, swarm_
     publish = _publisher(servicer, announcer)
 
     def reannounce() -> None:
-        def new_adapters(fresh: swarm_pb2.ServerInfo) -> None:
-            del fresh.adapters[:]
-            if servicer.adapters is not None:
-                fresh.adapters.extend(servicer.adapters.announced())
-
-        publish(new_adapters)
+        publish(lambda fresh: servicer.served.announce_adapters(fresh))
 
     def watch(served: ServedSpan) -> None:
         if (cfg.adapters or cfg.adapter_roots) and served.adapters is not None:
