@@ -12,6 +12,8 @@ if TYPE_CHECKING:
     import torch
     from transformers import PreTrainedTokenizerBase
 
+    from fedswarm.common.prefix import PrefixCache
+
 IGNORE_INDEX = -100
 
 
@@ -73,15 +75,23 @@ def to_device(batch: dict[str, torch.Tensor], device: torch.device | str) -> dic
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
-def answer_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+def answer_logits(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor], prefix: PrefixCache | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits at the positions that predict answer tokens only, and those tokens.
 
     The loss never looks at prompt positions, so the LM head (a 49k-wide matmul for
-    SmolLM2, ~20% of a token's compute) runs on the answer positions alone.
+    SmolLM2, ~20% of a token's compute) runs on the answer positions alone. With ``prefix``,
+    ``batch`` holds the rows' suffixes after that shared prefix (``fedswarm.common.prefix``).
     """
     wrapped: Any = model
     base: Any = wrapped.get_base_model() if hasattr(wrapped, "get_base_model") else wrapped  # PEFT or not
-    hidden = base.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    if prefix is not None:
+        hidden = prefix.hidden(model, batch)
+    else:
+        hidden = base.get_decoder()(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+        ).last_hidden_state
     targets = batch["labels"][:, 1:]
     keep = targets != IGNORE_INDEX
     return base.get_output_embeddings()(hidden[:, :-1][keep]), targets[keep]
@@ -94,7 +104,9 @@ def _upcast(logits: torch.Tensor) -> torch.Tensor:
     return logits.to(torch.promote_types(logits.dtype, torch.float32))
 
 
-def answer_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], total: int | None = None) -> torch.Tensor:
+def answer_loss(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor], total: int | None = None, prefix: PrefixCache | None = None
+) -> torch.Tensor:
     """Mean cross-entropy over the answer tokens of the batch; with ``total``, their sum over ``total``.
 
     ``total`` is the answer-token count of a whole batch this one is a micro-batch of: the
@@ -102,7 +114,7 @@ def answer_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], total: i
     """
     import torch.nn.functional as F
 
-    logits, targets = answer_logits(model, batch)
+    logits, targets = answer_logits(model, batch, prefix)
     if total is None:
         return F.cross_entropy(_upcast(logits), targets)
     return F.cross_entropy(_upcast(logits), targets, reduction="sum") / total

@@ -28,8 +28,11 @@ DP_SGD_LEARNING_RATE = 0.5  # --dp-optimizer sgd without --dp-learning-rate (FFA
 # Nodes are never sent them (``node_run_config``); a simulated node reads its pool's path from the run config.
 COORDINATOR_SIDE = frozenset(
     {"data", "out", "resume", "resume_given", "round_timeout", "min_clients", "max_update_norm", "central_noise",
-     "central_clip", "fraction_evaluate"}
+     "central_clip", "fraction_evaluate", "server_optimizer", "server_momentum", "server_beta1", "server_beta2",
+     "server_tau", "eval_every"}
 )  # fmt: skip
+SERVER_OPTIMIZERS = ("sgd", "avgm", "adam", "yogi")  # server/coordinator/server_optimizer.py
+DEFAULT_SERVER_LR = {"sgd": 1.0, "avgm": 1.0, "adam": 1e-2, "yogi": 1e-2}  # --server-lr 0
 
 
 @dataclass
@@ -47,7 +50,10 @@ class FederationConfig:
     lora_alpha: float = option(16.0, "LoRA alpha (scale = alpha / r)")
     partition: str = option("iid", "iid or dirichlet:ALPHA (label skew)")
     seed: int = option(0, "seed of the held-out split, partitions, adapter init and batch order")
-    eval_size: int = option(200, "held-out examples, never given to a client")
+    eval_size: int = option(1000, "held-out examples, never given to a client")
+    eval_every: int = option(
+        1, "evaluate the global adapter on the held-out set every N rounds and after the last (0: the last only)"
+    )
     max_samples: int = option(0, "read at most this many records (0: all)")
     max_seq_len: int = max_seq_len_option()
     device: str = option("auto", "auto (CUDA when available), cpu or cuda: training, evaluation")
@@ -55,8 +61,17 @@ class FederationConfig:
     precision: str = option("auto", "training autocast: auto (bf16 where the CPU has it natively), bf16, fp32")
     aggregation: str = option("fedavg", f"LoRA aggregation: {modes_help()}")
     server_lr: float = option(
-        1.0, "server learning rate: the global adapter moves this many times the clients' mean update (1: mean)"
+        0.0,
+        "server learning rate (0: the optimizer's default: sgd and avgm 1, the clients' mean update; adam, yogi 0.01)",
     )
+    server_optimizer: str = option(
+        "sgd", "server optimizer over the mean update: sgd, avgm (FedAvgM), adam (FedAdam), yogi (FedYogi)"
+    )
+    server_momentum: float = option(0.9, "--server-optimizer avgm: momentum")
+    server_beta1: float = option(0.9, "--server-optimizer adam, yogi: first-moment decay")
+    server_beta2: float = option(0.99, "--server-optimizer adam, yogi: second-moment decay")
+    server_tau: float = option(1e-3, "--server-optimizer adam, yogi: adaptivity (added to the root second moment)")
+    proximal_mu: float = option(0.0, "FedProx: each local step is pulled towards the round's global adapter (mu)")
     scaffold: bool = option(
         False, "SCAFFOLD drift correction for non-IID nodes: each local step follows g - c_i + c (fedavg, ffa)"
     )
@@ -112,8 +127,23 @@ class FederationConfig:
                 raise InputError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.learning_rate <= 0:
             raise InputError(f"--learning-rate must be > 0, got {self.learning_rate}")
-        if self.server_lr <= 0:
-            raise InputError(f"--server-lr must be > 0, got {self.server_lr}")
+        if self.server_optimizer not in SERVER_OPTIMIZERS:
+            raise InputError(
+                f"--server-optimizer must be one of {', '.join(SERVER_OPTIMIZERS)}, got {self.server_optimizer!r}"
+            )
+        if self.server_lr < 0:
+            raise InputError(f"--server-lr must be > 0 (0: the optimizer's default), got {self.server_lr}")
+        if self.server_lr == 0:
+            self.server_lr = DEFAULT_SERVER_LR[self.server_optimizer]
+        for name in ("server_momentum", "server_beta1", "server_beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise InputError(f"--{name.replace('_', '-')} must be within [0, 1), got {getattr(self, name)}")
+        if self.server_tau <= 0:
+            raise InputError(f"--server-tau must be > 0, got {self.server_tau}")
+        if self.proximal_mu < 0:
+            raise InputError(f"--proximal-mu must be >= 0, got {self.proximal_mu}")
+        if self.eval_every < 0:
+            raise InputError(f"--eval-every must be >= 0, got {self.eval_every}")
         if self.precision not in ("auto", "bf16", "fp32"):
             raise InputError(f"--precision must be auto, bf16 or fp32, got {self.precision!r}")
         if not 0.0 <= self.fraction_evaluate <= 1.0:
@@ -176,11 +206,14 @@ class FederationConfig:
         """Flower run-config form (kebab-case keys).
 
         ``lora-rank`` is 0 (auto) where the rank is the one auto picks for this ``dp`` setting:
-        the same configuration, and a deployment's app default then still follows ``--dp``.
+        the same configuration, and a deployment's app default then still follows ``--dp``;
+        ``server-lr`` likewise where it is ``--server-optimizer``'s default.
         """
         out = {run_key(f.name): getattr(self, f.name) for f in fields(self)}
         if self.lora_rank == (DP_LORA_RANK if self.dp else LORA_RANK):
             out["lora-rank"] = 0
+        if self.server_lr == DEFAULT_SERVER_LR[self.server_optimizer]:
+            out["server-lr"] = 0.0
         return out
 
     def node_run_config(self) -> dict[str, Any]:

@@ -21,13 +21,16 @@ def test_constant_answer_is_the_commonest_labels_share():
 def test_results_table_shows_each_rounds_margin_over_the_constant_answer():
     rows = [
         {"round": 0, "eval_loss": 2.0, "eval_accuracy": 0.0, "train_loss": None},
-        {"round": 1, "eval_loss": 0.5, "eval_accuracy": 0.7, "train_loss": 0.6},
+        {"round": 1, "eval_loss": None, "eval_accuracy": None, "train_loss": 0.7},  # skipped by --eval-every
+        {"round": 2, "eval_loss": 0.5, "eval_accuracy": 0.7, "eval_margin_se": 0.0142, "train_loss": 0.6},
     ]
     lines = results_table(rows, ("no", 0.55)).splitlines()
-    assert lines[0].endswith("| vs constant")
-    assert lines[2].endswith("|      -0.550") and lines[3].endswith("|      +0.150")
+    assert lines[0].endswith("| margin over constant")
+    assert lines[2].endswith("|               -0.550")
+    assert lines[3] == "    1 |             - |        - |     0.7000 |                    -"
+    assert lines[4].endswith("|       +0.150 ± 0.014")  # the margin and its standard error
     assert lines[-1] == "constant answer (always 'no'): accuracy 0.550, the floor to beat"
-    assert "vs constant" not in results_table(rows)
+    assert "margin" not in results_table(rows)
 
 
 def test_curves_plot_the_constant_answer(tmp_path):
@@ -45,3 +48,16 @@ def test_curves_plot_the_constant_answer(tmp_path):
     fig.canvas.draw()
     ticks = [t for t in acc.get_xticks() if 0 <= t <= 2]
     assert ticks and all(float(t).is_integer() for t in ticks)  # rounds are whole numbers
+
+
+def test_eval_every_scores_every_nth_round_and_always_the_last():
+    from fedswarm.common.config import FederationConfig
+    from fedswarm.server.coordinator.federation import evaluates
+
+    def scored(every: int) -> list[int]:
+        cfg = FederationConfig(model="tiny", rounds=5, eval_every=every)
+        return [r for r in range(6) if evaluates(cfg, r)]
+
+    assert scored(1) == [0, 1, 2, 3, 4, 5]
+    assert scored(2) == [0, 2, 4, 5]
+    assert scored(0) == [5]  # the last round only, not even the base model

@@ -138,6 +138,7 @@ def test_svd_server_lr_is_the_product_space_step():
         torch.testing.assert_close(_product(state, name, ALPHA / (4 * rank)), want, rtol=1e-5, atol=1e-5)
 
 
-def test_config_rejects_a_non_positive_server_lr():
-    with pytest.raises(ValueError, match="--server-lr must be > 0, got 0"):
-        FederationConfig(model="tiny", server_lr=0.0)
+def test_config_rejects_a_negative_server_lr_and_zero_takes_the_optimizers_default():
+    with pytest.raises(ValueError, match=r"--server-lr must be > 0 \(0: the optimizer's default\), got -1"):
+        FederationConfig(model="tiny", server_lr=-1.0)
+    assert FederationConfig(model="tiny", server_lr=0.0).server_lr == 1.0

@@ -139,3 +139,29 @@ def test_simulation_ffa_scaffold_sends_checkpoints_and_resumes_the_control(label
     assert rows[1]["bytes_down"] - rows[0]["bytes_down"] > 0.95 * 3 * b_bytes
     assert all(r["bytes_up"] > 0.95 * 2 * 3 * b_bytes for r in rows)  # each reply: B and its c_i
     assert (out / "checkpoints/round-002/control.safetensors").is_file()
+
+
+@pytest.mark.integration
+def test_simulation_ffa_server_adam_with_fedprox_scores_the_last_round_only(labelled_file, tmp_path):
+    from safetensors.torch import load_file
+
+    out = tmp_path / "run"
+    extra = ("--aggregation", "ffa", "--server-optimizer", "adam", "--server-lr", "0.001", "--server-tau", "1e-6")
+    proc = _simulate(labelled_file, out, *extra, "--proximal-mu", "0.01", "--eval-every", "0", "--rounds", "1")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["eval_loss"] is None and rows[1]["eval_loss"] > 0  # --eval-every 0: the last round only
+    summary = json.loads((out / "summary.json").read_text())
+    constant = summary["constant_answer"]["accuracy"]
+    assert summary["final"]["eval_margin"] == pytest.approx(rows[1]["eval_accuracy"] - constant, abs=1e-12)
+    acc = rows[1]["eval_accuracy"]
+    assert summary["final"]["eval_margin_se"] == pytest.approx((acc * (1 - acc) / 12) ** 0.5, abs=1e-12)
+    # B starts at 0; FedAdam's first step moves each entry by lr_1 * m / (sqrt(v) + tau) with m = 0.1 delta and
+    # v = 0.01 delta^2, i.e. lr_1 * sign(delta) (tau 1e-6 << |delta|): every moved entry sits at +-lr_1
+    lr_1 = 0.001 * (1 - 0.99**2) ** 0.5 / (1 - 0.9**2)
+    b = [t for k, t in load_file(str(out / "checkpoints/round-001/adapter_model.safetensors")).items() if "lora_B" in k]
+    largest = max(float(t.abs().max()) for t in b)
+    assert lr_1 * 0.99 < largest <= lr_1 * (1 + 1e-5)
+    moments = load_file(str(out / "checkpoints/round-001/server_optimizer.safetensors"))
+    assert {k.split("/", 1)[0] for k in moments} == {"m", "v"} and len(moments) == 2 * len(b)
+    assert not (out / "adapter" / "server_optimizer.safetensors").exists()

@@ -70,6 +70,10 @@ def _provenance(model_name: str, run: RunInfo) -> list[str]:
         if final.get("eval_loss") is not None:
             accuracy = final.get("eval_accuracy")
             shown = "n/a" if accuracy is None else f"{accuracy:.3f}"
+            margin = final.get("eval_margin")
+            if margin is not None:
+                se = final.get("eval_margin_se") or 0.0
+                shown += f" ({margin:+.3f} ± {se:.3f} over always giving the commonest label)"
             rows.append(f"- Held-out after training (PyTorch): loss {final['eval_loss']:.4f}, accuracy {shown}")
     else:
         rows.append("- Run: no summary.json beside the adapter, so data, rounds and clients are unknown")

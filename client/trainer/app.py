@@ -14,6 +14,7 @@ from flwr.clientapp import ClientApp
 
 from fedswarm.client.trainer.drift import DriftCorrection
 from fedswarm.client.trainer.node_round import node_rank, prepare_adapter, train_round
+from fedswarm.client.trainer.proximal import ProximalTerm, chain
 from fedswarm.client.trainer.runtime import Shard, lora_model, shard_for
 from fedswarm.common.codecs import codec_for
 from fedswarm.common.config import FederationConfig, from_run_config
@@ -101,9 +102,11 @@ def train(msg: Message, context: Context) -> Message:
     reset_peak_rss()  # the reply's peak-rss-mb is this message's (model loading included where it happens)
     job = _prepare(msg, context)
     drift = _drift_correction(msg, context, job) if job.cfg.scaffold else None
+    proximal = ProximalTerm(job.model, job.cfg.proximal_mu) if job.cfg.proximal_mu > 0 else None
     out = train_round(
-        job.model, job.tokenizer, job.shard, job.cfg, job.server_round, _privacy_history(msg, context), drift
-    )
+        job.model, job.tokenizer, job.shard, job.cfg, job.server_round, _privacy_history(msg, context),
+        chain(drift, proximal),
+    )  # fmt: skip
     if out.privacy_history is not None:
         context.state[PRIVACY_KEY] = ConfigRecord({"history": out.privacy_history})
     metrics = {

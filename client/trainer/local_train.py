@@ -6,8 +6,9 @@ import logging
 import math
 import time
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -26,6 +27,7 @@ from fedswarm.common.device import autocast_for
 from fedswarm.common.errors import FedswarmError, InputError
 
 if TYPE_CHECKING:
+    import torch
     from peft import PeftModel
     from transformers import PreTrainedTokenizerBase
 
@@ -36,6 +38,9 @@ log = logging.getLogger(__name__)
 # its gradients accumulating: the activations kept for backward scale with the micro-batch, not
 # the batch (default model, batch 8 of ~60-token rows: peak 1.92 -> 1.70 GB per process at ~7% more time).
 MICRO_BATCH_TOKENS = 256
+# Suffixes after a shared prefix are short (sarcasm: 16-28 tokens), so 64-token padding would
+# double them; widths rounded to 8 keep the number of distinct batch shapes (heap growth) bounded.
+SUFFIX_PAD_MULTIPLE = 8
 
 
 def micro_batches(
@@ -74,12 +79,14 @@ def train_lora(
     precision: str = "auto",
     on_grads: Callable[[], None] | None = None,
     balance: bool = False,
+    share_prefix: bool = True,
 ) -> TrainResult:
     """Train the adapter for ``steps`` steps on batches drawn (seeded) from ``examples``.
 
     ``on_grads`` runs at every step once the (unscaled) gradients are in place, before the
-    optimizer reads them (SCAFFOLD's correction, ``drift.py``). ``balance``: label-balanced
-    batches (``draw_order``).
+    optimizer reads them (SCAFFOLD's correction, ``drift.py``; FedProx's proximal term).
+    ``balance``: label-balanced batches (``draw_order``). ``share_prefix``: the prompt prefix
+    a step's rows share runs once (``_forward_backward``; the same loss and gradient).
     """
     import torch
 
@@ -98,16 +105,7 @@ def train_lora(
     for step in range(steps):
         pick = np.take(order, range(step * batch_size, (step + 1) * batch_size), mode="wrap")
         rows = [encode(tokenizer, examples[i], max_seq_len) for i in pick]
-        chunks = micro_batches(rows, multiple=TRAIN_PAD_MULTIPLE)
-        parts = [to_device(collate(part, pad, TRAIN_PAD_MULTIPLE), device) for part in chunks]
-        total = sum(answer_tokens(part) for part in parts)  # the step's loss: the mean over all of them
-        value = 0.0
-        for part in parts:
-            with cast:
-                loss = answer_loss(model, part, total)
-            value += float(loss.detach())
-            (scaler.scale(loss) if scaler is not None else loss).backward()  # scaler: fp16 without bf16
-            del loss
+        value = _forward_backward(model, rows, pad, device, cast, scaler, share_prefix)
         if not math.isfinite(value):
             raise FloatingPointError(f"training loss became {value} at step {step}")
         if scaler is not None:
@@ -124,6 +122,44 @@ def train_lora(
         losses.append(value)
     model.eval()
     return TrainResult(float(np.mean(losses)), steps, time.perf_counter() - started)
+
+
+def _forward_backward(
+    model: PeftModel,
+    rows: Sequence[Encoded],
+    pad: int,
+    device: torch.device,
+    cast: AbstractContextManager[Any],
+    scaler: torch.amp.GradScaler | None,
+    share_prefix: bool = True,
+) -> float:
+    """One step's loss (the mean over its answer tokens), its gradients accumulated on the adapter.
+
+    With ``share_prefix``, the prompt prefix every row shares (a repeated system prompt) runs
+    once; the rows' suffixes, sorted by length so that a micro-batch holds rows of about one
+    width, run against its keys and values, and their gradients go back through it once.
+    Without a shared prefix, whole rows run padded to ``TRAIN_PAD_MULTIPLE``.
+    """
+    from fedswarm.common.prefix import PrefixCache, shared_prefix_len, suffixes
+
+    cut = shared_prefix_len(rows) if share_prefix else 0
+    with cast:  # forward passes under autocast, backward passes outside it (as torch.amp asks)
+        prefix = PrefixCache.compute(model, rows[0].input_ids[:cut], trainable=True) if cut else None
+    if prefix is not None:
+        rows = sorted(suffixes(rows, cut), key=lambda r: len(r.input_ids))
+    multiple = SUFFIX_PAD_MULTIPLE if prefix is not None else TRAIN_PAD_MULTIPLE
+    parts = [to_device(collate(part, pad, multiple), device) for part in micro_batches(rows, multiple=multiple)]
+    total = sum(answer_tokens(part) for part in parts)  # the step's loss: the mean over all of them
+    value = 0.0
+    for part in parts:
+        with cast:
+            loss = answer_loss(model, part, total, prefix)
+        value += float(loss.detach())
+        (scaler.scale(loss) if scaler is not None else loss).backward()  # scaler: fp16 without bf16
+        del loss
+    if prefix is not None:
+        prefix.backward()  # the suffixes' gradients on the prefix's keys and values, through its one pass
+    return value
 
 
 def draw_order(examples: Sequence[Example], count: int, seed: int, balance: bool = False) -> np.ndarray:

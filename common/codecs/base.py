@@ -37,11 +37,13 @@ class AdapterCodec:
     mixed_ranks: ClassVar[bool] = False  # clients may train at different ranks
     scaffold: ClassVar[bool] = True  # --scaffold's control variates fit it
     central_dp: ClassVar[bool] = True  # Flower's central DP wrapper fits its strategy
+    server_optimizers: ClassVar[bool] = True  # the aggregate is factor-wise: any --server-optimizer applies
 
     def __init__(self, cfg: FederationConfig) -> None:
         self.alpha = cfg.lora_alpha
         self.rank = cfg.server_rank()
-        self.server_lr = cfg.server_lr
+        # server SGD is the codec's (svd takes it in product space); other optimizers step after complete()
+        self.server_lr = cfg.server_lr if cfg.server_optimizer == "sgd" else 1.0
         self.fraction_evaluate = cfg.fraction_evaluate
         self._decoded: dict[int, tuple[ArrayRecord, dict[str, torch.Tensor]]] = {}
 
@@ -57,6 +59,12 @@ class AdapterCodec:
         if cfg.central_dp and not cls.central_dp:
             fits = spoken([c.name for c in CODECS.values() if c.central_dp])
             raise InputError(f"--central-dp works with --aggregation {fits} (it wraps FedAvg)")
+        if cfg.server_optimizer != "sgd" and not cls.server_optimizers:
+            fits = spoken([c.name for c in CODECS.values() if c.server_optimizers])
+            raise InputError(
+                f"--server-optimizer {cfg.server_optimizer} works with --aggregation {fits}: {cls.name} re-factorises "
+                "a product-space mean, so only server SGD (--server-lr) applies to it"
+            )
         if not cls.mixed_ranks and len(set(cfg.ranks())) > 1:
             fits = spoken([c.name for c in CODECS.values() if c.mixed_ranks])
             raise InputError(f"clients with different --client-ranks need --aggregation {fits}")

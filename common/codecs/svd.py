@@ -28,6 +28,7 @@ class SvdCodec(AdapterCodec):
     mixed_ranks: ClassVar[bool] = True
     scaffold: ClassVar[bool] = False
     central_dp: ClassVar[bool] = False
+    server_optimizers: ClassVar[bool] = False
 
     def __init__(self, cfg: FederationConfig) -> None:
         super().__init__(cfg)

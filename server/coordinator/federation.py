@@ -22,7 +22,8 @@ from fedswarm.server.coordinator.replies import Screened, screen_replies
 from fedswarm.server.coordinator.resume import Resumed, load_resume, restore_strategy, strategy_state
 from fedswarm.server.coordinator.round_plan import NodeBook, learn_from, personalise, privacy_row, round_config
 from fedswarm.server.coordinator.rounds import Collected, send_and_collect, wait_for_nodes
-from fedswarm.server.coordinator.run_dir import RunDir
+from fedswarm.server.coordinator.run_dir import SERVER_OPTIMIZER_FILE, RunDir
+from fedswarm.server.coordinator.server_optimizer import ServerOptimizer
 from fedswarm.server.coordinator.strategy import build_strategy
 
 if TYPE_CHECKING:
@@ -50,7 +51,8 @@ def run_federation(grid: Grid, cfg: FederationConfig, simulated: bool = False) -
     strategy = build_strategy(cfg, codec, cfg.needed_clients())
     evaluator = CentralEvaluator(cfg)
     state = evaluator.initial_state()
-    state, book, rows = _starting_point(resumed, strategy, evaluator, state, run)
+    state, book, rows = _starting_point(resumed, strategy, evaluator, state, run, cfg)
+    optimizer = server_optimizer(cfg, run, resumed.round if resumed else 0)
     control = resumed.control if resumed else None  # SCAFFOLD's c (none before round 1)
     last_round = first_round = resumed.round if resumed else 0
     for round_no in range(first_round + 1, cfg.rounds + 1):
@@ -83,22 +85,28 @@ def run_federation(grid: Grid, cfg: FederationConfig, simulated: bool = False) -
         new_state = codec.complete(from_record(aggregated), state)
         residual = codec.residual(strategy, trained, new_state, state)
         codec.forget()
+        if optimizer.stateful:  # FedAvgM / FedAdam / FedYogi over the tensors the nodes train
+            trained_keys = {k: v for k, v in new_state.items() if codec.trainable(k)}
+            new_state = {**new_state, **optimizer.step(round_no, state, trained_keys)}
         state = new_state
         fed_eval = _federated_eval(grid, strategy, codec, round_no, state, config, node_ids, cfg)
-        result = evaluator(state)
+        result = evaluator(state) if evaluates(cfg, round_no) else None
         row = _row(
-            round_no, result, train_metrics, collected, trained, time.perf_counter() - t0, evaluator.last_seconds
-        )
+            round_no, result, train_metrics, collected, trained, time.perf_counter() - t0,
+            evaluator.last_seconds if result is not None else 0.0,
+        )  # fmt: skip
         row.update(train_seconds=train_seconds, aggregation_residual=residual, **privacy, **fed_eval)
         row.update(_central_privacy(strategy, cfg))
         row.update(rejected=len(screened.rejected), rejected_why=screened.rejected, failed_why=collected.failures)
         _commit(run, evaluator, state, round_no, row, cfg, book, strategy_state(strategy), control)
+        if optimizer.stateful:
+            run.write_control(round_no, optimizer.state_dict(), SERVER_OPTIMIZER_FILE)
         rows.append(row)
         last_round = round_no
         log.info(
-            "round %d/%d done in %.1f s: train loss %.4f, held-out loss %.4f, accuracy %s, residual %.2e%s",
-            round_no, cfg.rounds, row["seconds"], row["train_loss"], row["eval_loss"], _fmt(row["eval_accuracy"]),
-            residual, f", epsilon max {privacy['epsilon_max']:.3f} ({cfg.accountant})" if privacy else "",
+            "round %d/%d done in %.1f s: train loss %.4f, %s, residual %.2e%s",
+            round_no, cfg.rounds, row["seconds"], row["train_loss"], _held_out_text(row), residual,
+            f", epsilon max {privacy['epsilon_max']:.3f} ({cfg.accountant})" if privacy else "",
         )  # fmt: skip
     if last_round:
         run.publish_adapter(last_round)
@@ -115,25 +123,52 @@ def run_federation(grid: Grid, cfg: FederationConfig, simulated: bool = False) -
     return summary
 
 
-def _round_zero(evaluator: CentralEvaluator, state: dict, run: RunDir) -> dict[str, Any]:
-    log.info("round 0: evaluating the untouched base model on %d held-out examples", len(evaluator.holdout))
-    result = evaluator(state)
-    row = {
-        "round": 0, "eval_loss": result.loss, "eval_accuracy": result.accuracy, "train_loss": None,
-        "clients": 0, "failures": 0, "bytes_down": 0, "bytes_up": 0, "seconds": evaluator.last_seconds,
-        "eval_seconds": evaluator.last_seconds,
-    }  # fmt: skip
+def server_optimizer(cfg: FederationConfig, run: RunDir, resumed_round: int) -> ServerOptimizer:
+    """``--server-optimizer`` with its moments as the resumed round left them (fresh otherwise)."""
+    optimizer = ServerOptimizer(
+        cfg.server_optimizer, cfg.server_lr, cfg.server_momentum, cfg.server_beta1, cfg.server_beta2, cfg.server_tau
+    )
+    if optimizer.stateful and resumed_round:
+        saved = run.read_control(resumed_round, SERVER_OPTIMIZER_FILE)
+        if saved is None:
+            raise FedswarmError(
+                f"--resume {run.root}: round {resumed_round} has no {SERVER_OPTIMIZER_FILE} "
+                f"(was it run with --server-optimizer {cfg.server_optimizer}?)"
+            )
+        optimizer.load_state_dict(saved)
+    return optimizer
+
+
+def evaluates(cfg: FederationConfig, round_no: int) -> bool:
+    """Whether round ``round_no`` (0: the base model) is scored on the held-out set: every
+    ``--eval-every``-th round and the last (0: the last only)."""
+    return round_no == cfg.rounds or (cfg.eval_every > 0 and round_no % cfg.eval_every == 0)
+
+
+def _round_zero(evaluator: CentralEvaluator, state: dict, run: RunDir, cfg: FederationConfig) -> dict[str, Any]:
+    row: dict[str, Any] = {"round": 0, "eval_loss": None, "eval_accuracy": None, "train_loss": None, "clients": 0}
+    row.update(failures=0, bytes_down=0, bytes_up=0, seconds=0.0, eval_seconds=0.0)
+    if evaluates(cfg, 0):
+        log.info("round 0: evaluating the untouched base model on %d held-out examples", len(evaluator.holdout))
+        result = evaluator(state)
+        row.update(eval_loss=result.loss, eval_accuracy=result.accuracy, **_margin(result))
+        row.update(seconds=evaluator.last_seconds, eval_seconds=evaluator.last_seconds)
+        log.info("round 0: %s (%.1f s)", _held_out_text(row), evaluator.last_seconds)
     run.append_metrics(row)
-    log.info("round 0: held-out loss %.4f, accuracy %s", result.loss, _fmt(result.accuracy))
     return row
 
 
 def _starting_point(
-    resumed: Resumed | None, strategy: Any, evaluator: CentralEvaluator, initial: dict, run: RunDir
+    resumed: Resumed | None,
+    strategy: Any,
+    evaluator: CentralEvaluator,
+    initial: dict,
+    run: RunDir,
+    cfg: FederationConfig,
 ) -> tuple[dict, NodeBook, list[dict[str, Any]]]:
     """Adapter, node book and metrics rows to go on from: a resumed checkpoint, or round 0."""
     if resumed is None:
-        return initial, NodeBook(), [_round_zero(evaluator, initial, run)]
+        return initial, NodeBook(), [_round_zero(evaluator, initial, run, cfg)]
     restore_strategy(strategy, resumed.strategy_state)
     log.info("resuming %s after round %d (%d nodes in the book)", run.root, resumed.round, len(resumed.book.ranks))
     return resumed.state, resumed.book, resumed.rows
@@ -206,8 +241,9 @@ def _row(
     train = dict(train or {})
     return {
         "round": round_no,
-        "eval_loss": result.loss,
-        "eval_accuracy": result.accuracy,
+        "eval_loss": result.loss if result is not None else None,  # None: a round --eval-every skips
+        "eval_accuracy": result.accuracy if result is not None else None,
+        **(_margin(result) if result is not None else {}),
         "train_loss": train.get(Reply.TRAIN_LOSS),
         "clients": len(trained),
         "failures": len(collected.failures),
@@ -262,7 +298,13 @@ def _summary(cfg: FederationConfig, rows: list[dict[str, Any]], seconds: float, 
         "config": asdict(cfg),
         "rounds": len(rows) - 1,
         "round0": {"eval_loss": first["eval_loss"], "eval_accuracy": first["eval_accuracy"]},
-        "final": {"eval_loss": last["eval_loss"], "eval_accuracy": last["eval_accuracy"]},
+        "final": {
+            "eval_loss": last["eval_loss"],
+            "eval_accuracy": last["eval_accuracy"],
+            "eval_margin": last.get("eval_margin"),
+            "eval_margin_se": last.get("eval_margin_se"),
+            "eval_examples": last.get("eval_examples"),
+        },
         "accuracy_gain": gain,
         "bytes_down": sum(r["bytes_down"] for r in rows),
         "bytes_up": sum(r["bytes_up"] for r in rows),
@@ -306,21 +348,46 @@ def node_guarantees(cfg: FederationConfig, book: NodeBook) -> dict[str, dict[str
 
 
 def results_table(rows: list[dict[str, Any]], constant: tuple[str, float] | None = None) -> str:
-    """The per-round table; with ``constant`` (label, share), each accuracy's margin over always answering it."""
+    """The per-round table; with ``constant`` (label, share), each accuracy's margin over always answering it
+    and the margin's standard error (binomial, on this held-out set)."""
     head, rule = "round | held-out loss | accuracy | train loss", "------+---------------+----------+-----------"
     if constant:
-        head, rule = head + " | vs constant", rule + "+------------"
+        head, rule = head + " | margin over constant", rule + "+---------------------"
     lines = [head, rule]
     for r in rows:
         train = "-" if r["train_loss"] is None else f"{r['train_loss']:.4f}"
-        line = f"{r['round']:>5} | {r['eval_loss']:>13.4f} | {_fmt(r['eval_accuracy']):>8} | {train:>10}"
+        held = "-" if r["eval_loss"] is None else f"{r['eval_loss']:.4f}"
+        acc = r["eval_accuracy"]
+        line = f"{r['round']:>5} | {held:>13} | {'-' if held == '-' else _fmt(acc):>8} | {train:>10}"
         if constant:
-            acc = r["eval_accuracy"]
-            line += " | " + ("n/a" if acc is None else f"{acc - constant[1]:+.3f}").rjust(11)
+            se = r.get("eval_margin_se")
+            text = "-" if held == "-" else "n/a" if acc is None else f"{acc - constant[1]:+.3f}"
+            text += "" if se is None or acc is None else f" ± {se:.3f}"
+            line += " | " + text.rjust(20)
         lines.append(line)
     if constant:
         lines.append(f"constant answer (always {constant[0]!r}): accuracy {constant[1]:.3f}, the floor to beat")
     return "\n".join(lines)
+
+
+def _margin(result: Any) -> dict[str, Any]:
+    """A round's held-out size and, on labelled data, its margin over the constant answer with its standard error."""
+    out: dict[str, Any] = {"eval_examples": result.examples}
+    if result.margin is not None:
+        out.update(eval_margin=result.margin, eval_margin_se=result.margin_se)
+    return out
+
+
+def _held_out_text(row: dict[str, Any]) -> str:
+    if row.get("eval_loss") is None:
+        return "not evaluated (--eval-every)"
+    return f"held-out loss {row['eval_loss']:.4f}, accuracy {_fmt(row['eval_accuracy'])}{_margin_text(row)}"
+
+
+def _margin_text(row: dict[str, Any]) -> str:
+    if row.get("eval_margin") is None:
+        return ""
+    return f" ({row['eval_margin']:+.3f} ± {row['eval_margin_se']:.3f} over the constant answer)"
 
 
 def _fmt(value: float | None) -> str:

@@ -17,6 +17,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("fedswarm")
 
 CONTROL_FILE = "control.safetensors"  # SCAFFOLD's c in a checkpoint (not part of the PEFT adapter)
+SERVER_OPTIMIZER_FILE = "server_optimizer.safetensors"  # --server-optimizer's moments (not part of the adapter)
 
 
 class RunDir:
@@ -92,20 +93,21 @@ class RunDir:
         """Round counter and strategy state beside the round's adapter checkpoint."""
         atomic_write_text(self.checkpoint(round_no) / "state.json", json.dumps(_clean(state), indent=2))
 
-    def write_control(self, round_no: int, control: dict[str, torch.Tensor]) -> None:
-        """SCAFFOLD's ``c`` after the round, beside its adapter checkpoint (atomic)."""
+    def write_control(self, round_no: int, control: dict[str, torch.Tensor], name: str = CONTROL_FILE) -> None:
+        """SCAFFOLD's ``c`` (or, by ``name``, other coordinator state) after the round, beside its
+        adapter checkpoint (atomic)."""
         from safetensors.torch import save_file
 
-        path = self.checkpoint(round_no) / CONTROL_FILE
-        tmp = path.with_name(f".{CONTROL_FILE}.tmp")
+        path = self.checkpoint(round_no) / name
+        tmp = path.with_name(f".{name}.tmp")
         save_file({k: v.contiguous() for k, v in control.items()}, str(tmp))
         tmp.replace(path)
 
-    def read_control(self, round_no: int) -> dict[str, torch.Tensor] | None:
-        """The round's SCAFFOLD ``c``, or None when the round kept none."""
+    def read_control(self, round_no: int, name: str = CONTROL_FILE) -> dict[str, torch.Tensor] | None:
+        """The round's SCAFFOLD ``c`` (or the file ``name``), or None when the round kept none."""
         from safetensors.torch import load_file
 
-        path = self.checkpoint(round_no) / CONTROL_FILE
+        path = self.checkpoint(round_no) / name
         return load_file(str(path)) if path.is_file() else None
 
     def publish_adapter(self, round_no: int) -> None:
@@ -114,7 +116,7 @@ class RunDir:
 
         with atomic_dir(self.root / "adapter") as tmp:
             for item in self.checkpoint(round_no).iterdir():
-                if item.name not in ("state.json", CONTROL_FILE):
+                if item.name not in ("state.json", CONTROL_FILE, SERVER_OPTIMIZER_FILE):
                     shutil.copy2(item, tmp / item.name)
 
     def plot_curves(self, constant: float | None = None) -> None:
@@ -132,24 +134,37 @@ class RunDir:
 
 
 def curves_figure(rows: list[dict[str, Any]], constant: float | None = None) -> Any:
-    """The loss and accuracy panels (integer round ticks; the constant answer as a dotted floor)."""
+    """The loss and accuracy panels (integer round ticks; the constant answer as a dotted floor, the last
+    round's margin over it with its standard error, which the accuracy's error bars show per round)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
-    rounds = [r["round"] for r in rows]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(9, 3.5))
-    ax_loss.plot(rounds, [r["eval_loss"] for r in rows], "o-", label="held-out")
+    held = [(r["round"], r["eval_loss"]) for r in rows if r.get("eval_loss") is not None]  # --eval-every skips some
+    if held:
+        ax_loss.plot(*zip(*held, strict=True), "o-", label="held-out")
     train = [(r["round"], r["train_loss"]) for r in rows if r.get("train_loss") is not None]
     if train:
         ax_loss.plot(*zip(*train, strict=True), "s--", label="train (clients)")
     ax_loss.set(xlabel="round", ylabel="loss (nats/token)", title="loss")
     ax_loss.legend()
-    acc = [(r["round"], r["eval_accuracy"]) for r in rows if r.get("eval_accuracy") is not None]
+    acc = [
+        (r["round"], r["eval_accuracy"], r.get("eval_margin_se")) for r in rows if r.get("eval_accuracy") is not None
+    ]  # noqa: E501
     if acc:
-        ax_acc.plot(*zip(*acc, strict=True), "o-", label="held-out")
+        errors = [se if se is not None else 0.0 for *_, se in acc]  # the margin's standard error, as an error bar
+        ax_acc.errorbar([a[0] for a in acc], [a[1] for a in acc], yerr=errors, fmt="o-", capsize=3, label="held-out")
+        last = next((r for r in reversed(rows) if r.get("eval_margin") is not None), None)
+        if last is not None:
+            ax_acc.annotate(
+                f"{last['eval_margin']:+.3f} ± {last['eval_margin_se']:.3f}\nover the constant answer\n"
+                f"({last.get('eval_examples', '?')} held-out)",
+                (last["round"], last["eval_accuracy"]), textcoords="offset points", xytext=(-10, -40), ha="right",
+                fontsize=8,
+            )  # fmt: skip
     if constant is not None:
         ax_acc.axhline(constant, color="grey", linestyle=":", label=f"constant answer ({constant:.3f})")
         ax_acc.legend()
