@@ -75,7 +75,11 @@ def test_prefix_shared_step_splits_into_micro_batches_exactly(tiny_lora_f64, tok
     monkeypatch.setattr(local_train, "MICRO_BATCH_TOKENS", 24)  # a suffix or two per micro-batch
     split_rows = sorted(suffixes(rows, shared_prefix_len(rows)), key=lambda r: len(r.input_ids))
     assert len(local_train.micro_batches(split_rows, 24, local_train.SUFFIX_PAD_MULTIPLE)) > 2
+    seen: list[int] = []
+    real_loss = local_train.answer_loss
+    monkeypatch.setattr(local_train, "answer_loss", lambda *a: seen.append(1) or real_loss(*a))
     parts = _forward_backward(model, rows, pad, torch.device("cpu"), nothing, None, share_prefix=True)
+    assert len(seen) > 2  # the step really ran in several micro-batches against the one prefix
     assert parts == pytest.approx(whole, rel=1e-12)
     for name, grad in whole_grads.items():
         torch.testing.assert_close(_grads(model)[name], grad, rtol=1e-9, atol=1e-12, msg=name)

@@ -148,7 +148,8 @@ def _forward_backward(
     if prefix is not None:
         rows = sorted(suffixes(rows, cut), key=lambda r: len(r.input_ids))
     multiple = SUFFIX_PAD_MULTIPLE if prefix is not None else TRAIN_PAD_MULTIPLE
-    parts = [to_device(collate(part, pad, multiple), device) for part in micro_batches(rows, multiple=multiple)]
+    chunks = micro_batches(rows, MICRO_BATCH_TOKENS, multiple)
+    parts = [to_device(collate(part, pad, multiple), device) for part in chunks]
     total = sum(answer_tokens(part) for part in parts)  # the step's loss: the mean over all of them
     value = 0.0
     for part in parts:
