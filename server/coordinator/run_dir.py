@@ -142,7 +142,7 @@ def curves_figure(rows: list[dict[str, Any]], constant: float | None = None) -> 
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(9, 3.5))
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(9, 3.5), sharex=True)  # one round axis for both
     held = [(r["round"], r["eval_loss"]) for r in rows if r.get("eval_loss") is not None]  # --eval-every skips some
     if held:
         ax_loss.plot(*zip(*held, strict=True), "o-", label="held-out")
