@@ -65,9 +65,8 @@ def option(args: list[str], name: str, default: str) -> str:
     return args[args.index(name) + 1] if name in args else default
 
 
-def budget(extra: list[str], clients: int) -> tuple[int, int, int]:
+def budget(extra: list[str]) -> tuple[int, int, int]:
     """(rounds, local steps, batch) of a variant's arguments (simulate's defaults where absent)."""
-    del clients
     rounds, steps = int(option(extra, "--rounds", "3")), int(option(extra, "--local-steps", "12"))
     batch = int(option(extra, "--dp-batch-size", "32")) if "--dp" in extra else int(option(extra, "--batch-size", "8"))
     return rounds, steps, batch
@@ -95,7 +94,7 @@ def centralised(args: argparse.Namespace) -> dict[str, Any]:
     cfg = FederationConfig(data=args.data, eval_size=args.eval_size, learning_rate=lr, seed=args.seed)
     evaluator = CentralEvaluator(cfg)
     records, split = run_records(cfg.data, cfg.max_samples, cfg.eval_size, cfg.seed)
-    rounds, steps, batch = budget(MAIN_RECIPE, args.clients)
+    rounds, steps, batch = budget(MAIN_RECIPE)
     examples = args.clients * rounds * steps * batch  # the main job's budget, in plain LoRA's batches of 8
     trained = train_lora(
         evaluator.model, evaluator.tokenizer, [records[i] for i in split.train], examples // CENTRAL_BATCH,
@@ -124,7 +123,7 @@ def federated(args: argparse.Namespace, extra: list[str]) -> dict[str, Any]:
             raise SystemExit(f"fedswarm simulate failed ({done.returncode}): {' | '.join(tail)}")
         summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
     final = summary["final"]
-    rounds, steps, batch = budget(extra, args.clients)
+    rounds, steps, batch = budget(extra)
     row = {
         "accuracy": final["eval_accuracy"], "margin": final["eval_margin"], "margin_se": final["eval_margin_se"],
         "loss": final["eval_loss"], "example_gradients": args.clients * rounds * steps * batch,
