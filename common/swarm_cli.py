@@ -2,8 +2,9 @@
 
 The registry and block-server commands are in ``fedswarm.server.swarm.cli``, the generation
 and scoring commands in ``fedswarm.client.swarm.cli``, the HTTP API in ``fedswarm.client.swarm.api_cli``;
-all add themselves to this group and build their options on the security options defined here
-(roles meet only through ``common/`` and the wire).
+all add themselves to this group (entry points ``fedswarm.swarm_commands`` in pyproject.toml) and
+build their options on the security options defined here (roles meet only through ``common/`` and
+the wire).
 
 Every swarm process is secure by default: mutual TLS with certificates from the federation's CA
 (``fedswarm certs --issue server|client``), or ``--insecure`` (plaintext, warned) on a trusted machine.
@@ -12,12 +13,11 @@ Every swarm process is secure by default: mutual TLS with certificates from the 
 from __future__ import annotations
 
 import argparse
-import importlib
 from dataclasses import dataclass
 
 from fedswarm.common.options import flag, option
 
-ROLE_COMMANDS = ("fedswarm.server.swarm.cli", "fedswarm.client.swarm.cli", "fedswarm.client.swarm.api_cli")
+SWARM_COMMANDS = "fedswarm.swarm_commands"  # entry-point group: the roles' swarm commands
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -55,8 +55,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         description="A registry, block servers holding spans of a model, and a client that routes through them.",
     )
     commands = parser.add_subparsers(dest="swarm_command", required=True, metavar="SWARM_COMMAND")
-    for module in ROLE_COMMANDS:
-        importlib.import_module(module).add_commands(commands)
+    from fedswarm.common.cli import add_commands
+
+    add_commands(SWARM_COMMANDS, commands)
 
 
 def security_of(args: argparse.Namespace, client: bool = False) -> object:

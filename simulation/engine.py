@@ -51,9 +51,9 @@ def run_simulation(cfg: FederationConfig) -> None:
     """Run the ServerApp and ``cfg.clients`` virtual SuperNodes; always shuts Ray down."""
     flower_environment()
     from flwr.app import Context, RecordDict
-    from flwr.simulation.run_simulation import _run_simulation  # the engine behind run_simulation()
 
     from fedswarm.client.trainer.app import app as client_app
+    from fedswarm.common.flower_internals import run_simulation_engine
     from fedswarm.server.coordinator.app import app as server_app
 
     # Clients take their settings from each message's ConfigRecord, so only the
@@ -68,9 +68,8 @@ def run_simulation(cfg: FederationConfig) -> None:
     previous = signal.signal(signal.SIGINT, _on_interrupt)
     clear_stop()
     try:
-        _run_simulation(
+        run_simulation_engine(
             num_supernodes=cfg.clients,
-            exit_event=_exit_event(),
             client_app=client_app,
             server_app=server_app,
             backend_name="ray",
@@ -94,12 +93,6 @@ def _on_interrupt(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt
     log.warning("stopping: the federation ends at its next check; Ctrl-C again to stop at once")
     request_stop()
-
-
-def _exit_event() -> Any:
-    from flwr.supercore.telemetry import EventType
-
-    return EventType.PYTHON_API_RUN_SIMULATION_LEAVE
 
 
 def _shutdown_ray() -> None:

@@ -13,6 +13,53 @@ if TYPE_CHECKING:
     from fedswarm.common.processes import Supervisor
 
 
+FAST_LANE_SKIPS = ("integration", "processes")  # marks the fast lane (--fast) leaves out
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--fast",
+        action="store_true",
+        help="the fast lane: no test marked integration or processes, and any subprocess a test starts fails it",
+    )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "processes: starts subprocesses (outside the --fast lane)")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if not config.getoption("--fast"):
+        return
+    kept = [item for item in items if not any(item.get_closest_marker(m) for m in FAST_LANE_SKIPS)]
+    config.hook.pytest_deselected(items=[item for item in items if item not in kept])
+    items[:] = kept
+
+
+@pytest.fixture(autouse=True)
+def _fast_lane_starts_no_process(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under --fast, starting a subprocess fails the test with what to do about it."""
+    if not request.config.getoption("--fast"):
+        return
+    import multiprocessing.process
+    import subprocess
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the --fast lane starts no subprocess: mark this test @pytest.mark.processes")
+
+    monkeypatch.setattr(subprocess.Popen, "__init__", refuse)
+    monkeypatch.setattr(multiprocessing.process.BaseProcess, "start", refuse)
+
+
+@pytest.fixture()
+def flower_task() -> None:
+    """Messages built in the test are stamped as Flower's engine stamps them inside a task of node 0
+    (``act_as_node`` switches the node, for replies from several)."""
+    from fedswarm.common.flower_internals import act_as_node
+
+    act_as_node(0)
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     from fedswarm.common.model import load_tokenizer

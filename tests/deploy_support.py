@@ -100,3 +100,13 @@ class Deployment:
     def metrics(self, out: str) -> list[dict]:
         path = self.runs / out / "metrics.jsonl"
         return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
+
+    def slowest_client_round(self) -> float | None:
+        """The longest a node took for a round's training in this deployment's runs so far (None: no run yet)."""
+        seconds = [
+            float(client["seconds"])
+            for path in self.runs.glob("*/metrics.jsonl")
+            for row in (json.loads(x) for x in path.read_text().splitlines() if x)
+            for client in row.get("per_client", [])
+        ]
+        return max(seconds, default=None)

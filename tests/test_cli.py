@@ -1,12 +1,15 @@
 import subprocess
 import sys
 
+import pytest
+
 
 def _run(*args: str) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "fedswarm.common.cli", *args]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.processes
 def test_bad_model_is_one_line_nonzero():
     proc = _run("simulate", "--model", "gpt-9")
     assert proc.returncode == 2
@@ -16,6 +19,7 @@ def test_bad_model_is_one_line_nonzero():
     ]
 
 
+@pytest.mark.processes
 def test_bad_data_is_one_line_nonzero(tmp_path):
     proc = _run(
         "simulate",
@@ -32,12 +36,14 @@ def test_bad_data_is_one_line_nonzero(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.processes
 def test_bad_numbers_are_one_line_nonzero():
     proc = _run("simulate", "--model", "tiny", "--clients", "0")
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == ["fedswarm simulate: error: --clients must be >= 1, got 0"]
 
 
+@pytest.mark.processes
 def test_import_common_stays_light():
     code = (
         "import sys, fedswarm.common.config, fedswarm.common.data, fedswarm.common.model, fedswarm.common.lora;"
@@ -48,6 +54,7 @@ def test_import_common_stays_light():
     assert out == "[]"
 
 
+@pytest.mark.processes
 def test_unsupported_or_malformed_data_is_refused_before_ray_starts(tmp_path):
     text = tmp_path / "notes.txt"
     text.write_text("hello\n")

@@ -7,6 +7,8 @@ from collections.abc import Iterator
 from dataclasses import MISSING, Field, fields
 from pathlib import Path
 
+import pytest
+
 try:
     import tomllib
 except ModuleNotFoundError:  # Python 3.10
@@ -112,3 +114,48 @@ def test_pyproject_app_config_equals_federation_config_value_for_value():
         if app[key] != value or type(app[key]) is not type(value)  # 1 is not 1.0, nor False 0
     }
     assert wrong == {}, f"pyproject.toml's [tool.flwr.app.config] (left) disagrees with FederationConfig: {wrong}"
+
+
+def test_every_setting_belongs_to_exactly_one_role():
+    """The role classes partition the run's settings: each key of the Flower app config is read by one role."""
+    from dataclasses import fields
+
+    from fedswarm.common.config import CoordinatorSettings, NodeSettings, PrivacySettings, SimulationSettings
+
+    roles = [NodeSettings, PrivacySettings, CoordinatorSettings, SimulationSettings]
+    names = [f.name for role in roles for f in fields(role)]
+    assert len(names) == len(set(names))  # no setting in two roles
+    assert sorted(names) == sorted(f.name for f in fields(FederationConfig))  # and none outside them
+
+
+def test_a_node_validates_only_what_it_reads():
+    """A node builds its settings from the round's config alone: coordinator settings are neither read nor
+    checked there, while its own are, with the CLI's one-line errors."""
+    from fedswarm.common.config import NodeConfig, from_run_config
+    from fedswarm.common.errors import InputError
+
+    sent = {"local-steps": 4, "dp": True, "epsilon": 8.0, "server-optimizer": "no-such", "min-clients": -3}
+    node = from_run_config(NodeConfig, sent)
+    assert node.local_steps == 4 and node.lora_rank == 2  # --lora-rank 0 under --dp: the DP default
+    assert not hasattr(node, "server_optimizer") and not hasattr(node, "min_clients")
+    with pytest.raises(InputError, match="--server-optimizer must be one of"):
+        from_run_config(FederationConfig, sent)
+    with pytest.raises(InputError, match=r"^--local-steps must be >= 1, got 0$"):
+        from_run_config(NodeConfig, {**sent, "local-steps": 0})
+    with pytest.raises(InputError, match=r"^--dp needs --noise-multiplier > 0 or a target --epsilon > 0$"):
+        from_run_config(NodeConfig, {"dp": True})
+
+
+def test_a_stale_egg_info_in_the_working_folder_does_not_hide_the_commands(tmp_path, monkeypatch):
+    """An older build's metadata first on sys.path (the repository root, for ``python -m``) declares no commands."""
+    from fedswarm.common.cli import COMMANDS, registered
+
+    stale = tmp_path / "fedswarm.egg-info"
+    stale.mkdir()
+    (stale / "PKG-INFO").write_text("Metadata-Version: 2.1\nName: fedswarm\nVersion: 0.0.1\n")
+    (stale / "entry_points.txt").write_text("[console_scripts]\nfedswarm = fedswarm.common.cli:main\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert "simulate" in {e.name for e in registered(COMMANDS)}
+    assert "simulate" in build_parser()._subparsers._group_actions[0].choices  # type: ignore[union-attr]
+    with pytest.raises(SystemExit, match="no commands registered"):
+        registered("fedswarm.no-such-group")

@@ -86,15 +86,17 @@ def test_flower_command_lines(tmp_path):
     assert warm[5:] == cmd[1:]  # the same Flower arguments, TLS and node key included
 
 
-def test_warm_supernode_caps_flowers_idle_sleeps():
+def test_warm_supernode_caps_flowers_idle_sleeps(monkeypatch):
     import time
 
     from fedswarm.client.trainer.supernode import _ShortSleeps
 
+    slept: list[float] = []
+    monkeypatch.setattr(time, "sleep", slept.append)
     clock = _ShortSleeps(0.05)
-    started = time.monotonic()
     clock.sleep(3)  # Flower's idle wait between two pulls
-    assert time.monotonic() - started < 2.9  # capped (0.05 s asked; generous for a loaded machine)
+    clock.sleep(0.01)  # a shorter one stays as asked
+    assert slept == [0.05, 0.01]
     assert clock.monotonic is time.monotonic and clock.perf_counter is time.perf_counter  # the rest is time's
 
 
@@ -128,6 +130,7 @@ def _ca(tmp_path: Path) -> Path:
     return tmp_path / "c" / "ca.crt"
 
 
+@pytest.mark.processes
 def test_processes_stop_their_whole_tree():
     import psutil
 
@@ -147,6 +150,7 @@ def test_processes_stop_their_whole_tree():
     assert alive == []
 
 
+@pytest.mark.processes
 def test_flower_env_finds_flowers_tools_beside_this_python():
     from fedswarm.common.processes import flower_env
 
@@ -166,6 +170,7 @@ def test_connection_names_are_plain(tmp_path, name):
         write_connection(tmp_path, name, "h:1", None, insecure=True)
 
 
+@pytest.mark.processes
 def test_certs_never_replace_a_ca_unless_forced(tmp_path):
     certs = tmp_path / "certs"
 

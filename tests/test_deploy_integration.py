@@ -25,6 +25,8 @@ from tests.deploy_support import records as _records
 
 pytestmark = pytest.mark.integration
 
+HEARTBEAT_LOST_S = 60.0  # Flower counts a node lost after 2 missed 30 s heartbeats
+
 
 @pytest.fixture(scope="module")
 def deployment(tmp_path_factory):
@@ -182,11 +184,14 @@ def test_worker_killed_mid_task_fails_that_reply_and_is_restarted(deployment):
 
 
 def test_node_killed_during_a_round_leaves_the_round_to_the_others(deployment):
+    # The round should end before Flower notices the dead node (2 x its 30 s heartbeat, HEARTBEAT_LOST_S): its
+    # timeout is 5 x the slowest round a node of this deployment has trained (the earlier tests' runs), at least
+    # 10 s; alone, without such a run, it is left to Flower's notice (the round then ends at that, not sooner).
+    slowest = deployment.slowest_client_round()
+    timeout = max(10.0, 5 * slowest) if slowest is not None else 2 * HEARTBEAT_LOST_S
     runner = deployment.start(
-        # the round does not wait for Flower to notice the dead node (2 x its 30 s heartbeat): 25 s is plenty for
-        # the warm node 0's two tiny steps (a few seconds; the tiny model is loaded already)
         "run-dropout",
-        *deployment.run_args("dropout", "--rounds", "1", "--min-clients", "1", "--round-timeout", "25"),
+        *deployment.run_args("dropout", "--rounds", "1", "--min-clients", "1", "--round-timeout", f"{timeout:.0f}"),
     )
     victim = deployment.nodes[1]
     started = deployment.log("node1").count("train message of run")

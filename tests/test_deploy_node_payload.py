@@ -12,14 +12,9 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from fedswarm.common.config import FederationConfig
 from fedswarm.common.contract import from_record, is_packed, to_record
 
+pytestmark = pytest.mark.usefixtures("flower_task")  # replies are stamped as a node's
+
 SECRET = "zebra-quartz-7781"  # appears in the node's data only
-
-
-@pytest.fixture(autouse=True)
-def _task_identity():
-    from flwr.supercore.task_identity import TaskIdentity
-
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
 
 
 @pytest.fixture()
@@ -43,6 +38,7 @@ def _train_message(cfg: FederationConfig, packed: bool = True):
     return Message(content=content, dst_node_id=5, message_type="train"), state
 
 
+@pytest.mark.processes
 @pytest.mark.parametrize("dp,packed", [(False, True), (True, True), (False, False)])
 def test_a_node_sends_only_adapter_tensors_and_scalars(node_file, dp, packed):
     from fedswarm.client.trainer.app import train

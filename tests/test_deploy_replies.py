@@ -7,17 +7,13 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
 from fedswarm.common.config import FederationConfig
+from fedswarm.common.flower_internals import act_as_node
 from fedswarm.server.coordinator.replies import screen_replies, update_norm
 from fedswarm.server.coordinator.rounds import content_bytes
 
+pytestmark = pytest.mark.usefixtures("flower_task")  # replies are stamped as a node's
+
 A, B = "layer.lora_A.weight", "layer.lora_B.weight"
-
-
-@pytest.fixture(autouse=True)
-def _task_identity():
-    from flwr.supercore.task_identity import TaskIdentity
-
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
 
 
 def _sent(rank: int = 4) -> dict[str, torch.Tensor]:
@@ -26,9 +22,7 @@ def _sent(rank: int = 4) -> dict[str, torch.Tensor]:
 
 
 def _reply(node: int, arrays: dict | None, examples=10, **metrics) -> Message:
-    from flwr.supercore.task_identity import TaskIdentity
-
-    TaskIdentity.node_id = node  # a reply's source is the node that built it
+    act_as_node(node)  # a reply's source is the node that built it
     content = RecordDict({"metrics": MetricRecord({"num-examples": examples, "train-loss": 1.0, **metrics})})
     if arrays is not None:
         content["arrays"] = ArrayRecord(arrays)

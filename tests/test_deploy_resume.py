@@ -87,17 +87,16 @@ def test_resume_refuses_folders_without_a_completed_round(tmp_path):
 
 
 def test_central_dp_accountant_survives_a_resume():
-    from flwr.supercore.privacy_accounting import GaussianPrivacyEvent
-
     from fedswarm.common.codecs import codec_for
+    from fedswarm.common.flower_internals import GaussianPrivacyEvent
     from fedswarm.server.coordinator.strategy import build_strategy
 
     cfg = FederationConfig(clients=3, central_dp=True, central_noise=0.8)
-    first = build_strategy(cfg, codec_for(cfg), 3)
+    first = build_strategy(cfg, codec_for(cfg), NodeBook(), {}, 1.0)
     for _ in range(2):
         first.accountant.compose(GaussianPrivacyEvent(noise_multiplier=0.8, sample_size=3, population_size=3))
     saved = json.loads(json.dumps(strategy_state(first)))  # through state.json
-    second = build_strategy(cfg, codec_for(cfg), 3)
+    second = build_strategy(cfg, codec_for(cfg), NodeBook(), {}, 1.0)
     restore_strategy(second, saved)
     assert second.accountant.num_releases == 2
     assert second.privacy_spent().epsilon == pytest.approx(first.privacy_spent().epsilon)

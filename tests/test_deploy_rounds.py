@@ -15,12 +15,7 @@ from fedswarm.common.config import FederationConfig
 from fedswarm.common.contract import from_record, to_record
 from fedswarm.common.errors import FedswarmError
 
-
-@pytest.fixture(autouse=True)
-def _task_identity():
-    from flwr.supercore.task_identity import TaskIdentity
-
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
+pytestmark = pytest.mark.usefixtures("flower_task")  # replies are stamped as a node's
 
 
 class FakeGrid:

@@ -19,6 +19,7 @@ def test_auto_resolves_to_the_available_device():
         resolve_device("tpu")
 
 
+@pytest.mark.processes
 @pytest.mark.skipif(CUDA, reason="checks the error on machines without CUDA")
 def test_cpu_only_machine_gives_one_line_errors():
     with pytest.raises(FedswarmError, match="--device cuda: no CUDA GPU is usable here"):

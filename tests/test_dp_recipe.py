@@ -182,6 +182,7 @@ def test_bad_dp_options_are_refused(kw, message):
     assert str(err.value) == message
 
 
+@pytest.mark.processes
 def test_bad_dp_option_is_one_line_nonzero_on_the_cli():
     cmd = [sys.executable, "-m", "fedswarm.common.cli", "simulate", "--model", "tiny", "--dp", "--epsilon", "8"]
     proc = subprocess.run([*cmd, "--accountant", "gdp"], capture_output=True, text=True, timeout=120)

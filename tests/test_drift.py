@@ -10,18 +10,14 @@ from fedswarm.client.trainer.privacy import Accountant, DpSettings, noise_genera
 from fedswarm.common.config import FederationConfig
 from fedswarm.common.contract import arrays_of
 from fedswarm.common.data import Example
+from fedswarm.common.flower_internals import act_as_node
 from fedswarm.common.lora import adapter_state, load_adapter_state, lora_parameters
 from fedswarm.server.coordinator.controls import CONTROL_KEY, attach_control, pop_mean_control
 from fedswarm.server.coordinator.replies import screen_replies
 
+pytestmark = pytest.mark.usefixtures("flower_task")  # replies are stamped as a node's
+
 LR = 1e-2
-
-
-@pytest.fixture(autouse=True)
-def _task_identity():
-    from flwr.supercore.task_identity import TaskIdentity
-
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
 
 
 def _examples(n: int) -> list[Example]:
@@ -107,9 +103,7 @@ def test_round_one_and_new_nodes_train_uncorrected(tiny_lora):
 
 
 def _reply(node: int, arrays: dict, control: dict | None, examples: int) -> Message:
-    from flwr.supercore.task_identity import TaskIdentity
-
-    TaskIdentity.node_id = node
+    act_as_node(node)
     content = RecordDict({"metrics": MetricRecord({"num-examples": examples, "train-loss": 1.0})})
     content["arrays"] = ArrayRecord(arrays)
     if control is not None:

@@ -186,6 +186,7 @@ def _assert_names_the_adapter(status: str, adapter: dict) -> None:
         assert adapter["software"] and name == "google swiftshader"
 
 
+@pytest.mark.processes
 def test_variant_choice_and_facts_without_a_browser():
     """choose.js and facts.js on their own (node): what the page picks and shows for adapters this machine lacks."""
     if shutil.which("node") is None:

@@ -23,6 +23,7 @@ def test_parse_quant_keeps_order_and_always_fp32():
         parse_quant("int8,q3")
 
 
+@pytest.mark.processes
 def test_unknown_quant_is_one_line_and_writes_nothing(tmp_path):
     out = tmp_path / "edge"
     proc = _cli("export", "--adapter", "none", "--model", "tiny", "--out", str(out), "--quant", "int8,q2")
@@ -34,6 +35,7 @@ def test_unknown_quant_is_one_line_and_writes_nothing(tmp_path):
     assert not out.exists() and list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.processes
 def test_bad_adapter_is_one_line_and_writes_nothing(tmp_path):
     out = tmp_path / "edge"
     proc = _cli("export", "--adapter", str(tmp_path / "nope"), "--model", "tiny", "--out", str(out))
@@ -48,6 +50,7 @@ def test_bad_adapter_is_one_line_and_writes_nothing(tmp_path):
     assert not out.exists()
 
 
+@pytest.mark.processes
 def test_serve_web_refuses_a_non_export(tmp_path):
     proc = _cli("serve-web", str(tmp_path))
     lines = proc.stderr.strip().splitlines()

@@ -27,6 +27,7 @@ def test_smollm2_config_keeps_rope_theta():
     assert config["num_hidden_layers"] == 30
 
 
+@pytest.mark.processes
 def test_tiny_model_is_identical_across_processes():
     import torch
 

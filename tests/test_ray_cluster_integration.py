@@ -2,7 +2,6 @@
 
 import json
 import os
-import socket
 import sys
 import tempfile
 import time
@@ -11,7 +10,7 @@ from typing import NamedTuple
 
 import pytest
 
-from fedswarm.common.processes import Supervisor
+from fedswarm.common.processes import Supervisor, free_port
 from tests.conftest import assert_no_leftovers
 
 RAY = str(Path(sys.executable).with_name("ray"))
@@ -20,12 +19,6 @@ RAY = str(Path(sys.executable).with_name("ray"))
 class RayCluster(NamedTuple):
     address: str
     sup: Supervisor  # what started the cluster: the test's own processes go through it too
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _start(sup: Supervisor, args: list[str], log: Path) -> str:
@@ -38,7 +31,7 @@ def _start(sup: Supervisor, args: list[str], log: Path) -> str:
 
 @pytest.fixture()
 def ray_cluster(tmp_path):
-    port = _free_port()
+    port = free_port()
     address = f"127.0.0.1:{port}"
     common = ["--num-cpus", "1", "--num-gpus", "0", "--block"]
     head_args = ["--head", "--port", str(port), "--include-dashboard", "false"]

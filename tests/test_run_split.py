@@ -6,13 +6,20 @@ edge export's parity check reads its held-out texts from the same split.
 """
 
 import json
-from dataclasses import asdict
+from dataclasses import asdict, fields
 
 from fedswarm.client.edge.merge import RunInfo
 from fedswarm.client.edge.parity import held_out_texts
 from fedswarm.client.trainer.runtime import local_shard, simulated_shard
 from fedswarm.common.batches import encode
-from fedswarm.common.config import COORDINATOR_SIDE, FederationConfig, from_run_config, run_key
+from fedswarm.common.config import (
+    CoordinatorSettings,
+    FederationConfig,
+    NodeConfig,
+    SimulationSettings,
+    from_run_config,
+    run_key,
+)
 from fedswarm.common.model import load_tokenizer
 from fedswarm.server.coordinator.central_eval import CentralEvaluator
 from fedswarm.server.coordinator.round_plan import round_config
@@ -58,10 +65,11 @@ def test_nodes_receive_no_coordinator_setting(tmp_path):
     cfg = FederationConfig(data=str(tmp_path / "pool.jsonl"), out=str(tmp_path / "run"), resume=str(tmp_path / "r"))
     sent = dict(round_config(cfg, 3))
     assert sent["server-round"] == 3
-    assert {run_key(n) for n in COORDINATOR_SIDE}.isdisjoint(sent)
+    assert {run_key(f.name) for f in (*fields(CoordinatorSettings), *fields(SimulationSettings))}.isdisjoint(sent)
     assert not [v for v in sent.values() if isinstance(v, str) and str(tmp_path) in v]  # no path of the coordinator
     # a simulation's virtual nodes (on the coordinator's machine) are sent the pool they partition
     assert dict(round_config(cfg, 3, simulated=True)) == {**sent, "pool": cfg.data}
     # and everything a node needs is there: the node rebuilds the same training settings
-    node_cfg = FederationConfig(**{f: getattr(cfg, f) for f in asdict(cfg) if f not in COORDINATOR_SIDE})
-    assert from_run_config(FederationConfig, sent) == node_cfg
+    node_cfg = NodeConfig(**{f.name: getattr(cfg, f.name) for f in fields(NodeConfig)})
+    assert from_run_config(NodeConfig, sent) == node_cfg
+    assert {run_key(f.name) for f in fields(NodeConfig)} == set(sent) - {"server-round"}  # and nothing else

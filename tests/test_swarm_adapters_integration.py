@@ -23,10 +23,10 @@ from fedswarm.client.swarm.head import load_head
 from fedswarm.client.swarm.model import SwarmModel
 from fedswarm.common.adapter_files import adapter_id
 from fedswarm.common.model import load_model, parse_model
+from fedswarm.common.processes import free_port
 from fedswarm.protos.transport import Security
 from tests.conftest import assert_no_leftovers
-from tests.swarm_support import make_adapter, roundoff_tol
-from tests.test_swarm_integration import _FORKSERVER, PROMPT, TOKEN, Procs, _free_port, _local_greedy, _noop
+from tests.swarm_support import FORKSERVER, PROMPT, TOKEN, Procs, local_greedy, make_adapter, noop, roundoff_tol
 
 pytestmark = pytest.mark.integration
 
@@ -49,14 +49,14 @@ class AdapterSwarm:
 @pytest.fixture(scope="module")
 def swarm(tmp_path_factory):
     folder = tmp_path_factory.mktemp("adapter-swarm")
-    warm = _FORKSERVER.Process(target=_noop)
+    warm = FORKSERVER.Process(target=noop)
     warm.start()
     folders = {"a1": make_adapter(folder / "a1" / "adapter", seed=1), "a2": make_adapter(folder / "a2", seed=2)}
     procs = Procs(folder)
     root = folder / "runs"
     root.mkdir()
     try:
-        port = _free_port()
+        port = free_port()
         procs.fork("reg", "registry", "--port", str(port), "--insecure")
         procs.addresses["reg"] = f"127.0.0.1:{port}"
         common = ["--registry", procs.addresses["reg"], "--model", "tiny", "--threads", "1", "--ttl", "30"]
@@ -91,9 +91,9 @@ def _wait_for(security: Security, registry: str, digests: dict[str, str], server
 def references(swarm):
     from peft import PeftModel
 
-    out = {"": _local_greedy(load_model("tiny"), NEW_TOKENS)}
+    out = {"": local_greedy(load_model("tiny"), NEW_TOKENS)}
     for name, folder in swarm.folders.items():
-        out[name] = _local_greedy(PeftModel.from_pretrained(load_model("tiny"), folder).eval(), NEW_TOKENS)
+        out[name] = local_greedy(PeftModel.from_pretrained(load_model("tiny"), folder).eval(), NEW_TOKENS)
     return out
 
 
@@ -159,7 +159,7 @@ def test_adapter_added_while_serving_is_used_by_the_next_request(swarm):
     folder = make_adapter(swarm.root / "round7" / "adapter", seed=7)
     digests = {"a1": adapter_id(swarm.folders["a1"]), "a2": adapter_id(swarm.folders["a2"])}
     _wait_for(swarm.security, swarm.registry[0], {**digests, "round7": adapter_id(folder)})
-    expected = _local_greedy(PeftModel.from_pretrained(load_model("tiny"), folder).eval(), NEW_TOKENS)
+    expected = local_greedy(PeftModel.from_pretrained(load_model("tiny"), folder).eval(), NEW_TOKENS)
     _assert_same(_generate(swarm, "round7"), *expected)
 
 
@@ -179,7 +179,7 @@ def test_adapter_replaced_while_serving_is_used_by_the_next_request(swarm, refer
 
     _assert_same(_generate(swarm, "a1", replace_once), *references["a1"])
     replaced = PeftModel.from_pretrained(load_model("tiny"), folder).eval()
-    expected = _local_greedy(replaced, NEW_TOKENS)
+    expected = local_greedy(replaced, NEW_TOKENS)
     assert expected[0] != references["a1"][0]
     _assert_same(_generate(swarm, "a1"), *expected)
     try:  # clients that still list the old version: refused at the first step, they re-plan on the new one

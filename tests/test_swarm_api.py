@@ -22,9 +22,9 @@ import pytest
 import torch
 
 from fedswarm.common.model import load_model
+from fedswarm.common.processes import free_port
 from tests.conftest import assert_no_leftovers
-from tests.swarm_support import make_adapter
-from tests.test_swarm_integration import _FORKSERVER, TOKEN, Procs, _free_port, _noop, _run_cli
+from tests.swarm_support import FORKSERVER, TOKEN, Procs, make_adapter, noop, run_cli
 
 pytestmark = pytest.mark.integration
 
@@ -52,11 +52,11 @@ class ApiSwarm:
 @pytest.fixture(scope="module")
 def api(tmp_path_factory):
     folder = tmp_path_factory.mktemp("api")
-    warm = _FORKSERVER.Process(target=_noop)  # the forkserver imports torch while the registry starts
+    warm = FORKSERVER.Process(target=noop)  # the forkserver imports torch while the registry starts
     warm.start()
     procs = Procs(folder)
     try:
-        port = _free_port()
+        port = free_port()
         procs.start("reg", "registry", "--port", str(port), "--insecure")
         registry = f"127.0.0.1:{port}"
         common = ["--registry", registry, "--model", "tiny", "--threads", "1", "--ttl", "30", "--metrics-port", "0"]
@@ -144,7 +144,7 @@ def test_greedy_completion_equals_the_local_model_and_the_cli(api, tiny, tokeniz
 
     out, err = tmp_path / "generate.out", tmp_path / "generate.err"
     argv = ["swarm", "generate", "--registry", api.registry, "--threads", "1", "--insecure", tokenizer.decode(PROMPT)]
-    run = _FORKSERVER.Process(target=_run_cli, args=(str(out), [*argv, "--max-new-tokens", "12"], str(err)))
+    run = FORKSERVER.Process(target=run_cli, args=(str(out), [*argv, "--max-new-tokens", "12"], str(err)))
     run.start()
     api.procs.sup.adopt("generate", run.pid)
     run.join(timeout=120)
@@ -320,7 +320,7 @@ def test_prometheus_scrapes_the_api_and_a_block_server(api, tmp_path):
     if binary is None:
         pytest.skip("Debian's prometheus is not installed: bash scripts/install_monitoring.sh")
     api.client().completions.create(model="tiny", prompt=PROMPT, max_tokens=2, temperature=0)
-    port = _free_port()
+    port = free_port()
     targets = {name: urllib.parse.urlsplit(url).netloc for name, url in api.metrics.items()}
     config = tmp_path / "prometheus.yml"
     config.write_text(

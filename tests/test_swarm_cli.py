@@ -15,6 +15,7 @@ def _swarm(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.processes
 def test_bad_block_span_is_one_line():
     proc = _swarm("serve", "--registry", "127.0.0.1:9", "--model", "tiny", "--blocks", "3")
     assert proc.returncode == 2
@@ -23,6 +24,7 @@ def test_bad_block_span_is_one_line():
     ]
 
 
+@pytest.mark.processes
 def test_unreachable_registry_is_one_line():
     proc = _swarm("generate", "--registry", "127.0.0.1:1", "--insecure", "hello")
     assert proc.returncode == 2
@@ -36,6 +38,7 @@ def _cuda_usable() -> bool:
     return torch.cuda.is_available()
 
 
+@pytest.mark.processes
 @pytest.mark.skipif(_cuda_usable(), reason="checks the error on machines without CUDA")
 def test_device_cuda_without_a_gpu_is_one_line():
     proc = _swarm(
@@ -48,6 +51,7 @@ def test_device_cuda_without_a_gpu_is_one_line():
     assert line.endswith("use --device cpu")
 
 
+@pytest.mark.processes
 def test_unknown_device_is_one_line():
     proc = _swarm(
         "serve", "--registry", "127.0.0.1:9", "--model", "tiny", "--blocks", "0:2", "--device", "tpu", "--insecure"
@@ -58,6 +62,7 @@ def test_unknown_device_is_one_line():
     )
 
 
+@pytest.mark.processes
 def test_a_swarm_command_without_tls_or_insecure_exits_2_in_one_line():
     proc = _swarm("registry", "--port", "0")
     assert proc.returncode == 2
@@ -124,6 +129,7 @@ def test_bad_tls_files_are_one_line(certs, capsys):
         assert capsys.readouterr().err.strip().splitlines() == [f"fedswarm swarm: error: {message}"], args
 
 
+@pytest.mark.processes
 def test_missing_adapter_folder_is_one_line(tmp_path):
     proc = _swarm("serve", "--registry", "127.0.0.1:9", "--blocks", "0:2", "--adapter", str(tmp_path))
     assert proc.returncode == 2
@@ -133,6 +139,7 @@ def test_missing_adapter_folder_is_one_line(tmp_path):
     ]
 
 
+@pytest.mark.processes
 def test_adapter_name_given_twice_is_one_line(tmp_path):
     args = ["--adapter", f"fed={tmp_path}/a", "--adapter", f"fed={tmp_path}/b"]
     proc = _swarm("serve", "--registry", "127.0.0.1:9", "--blocks", "0:2", *args)
@@ -142,6 +149,7 @@ def test_adapter_name_given_twice_is_one_line(tmp_path):
     ]
 
 
+@pytest.mark.processes
 def test_building_the_cli_imports_neither_torch_nor_grpc():
     code = (
         "import sys, fedswarm.common.cli as cli; cli.build_parser();"
@@ -151,6 +159,7 @@ def test_building_the_cli_imports_neither_torch_nor_grpc():
     assert out == "[]"
 
 
+@pytest.mark.processes
 def test_api_with_an_unreachable_registry_is_one_line():
     proc = _swarm("api", "--registry", "127.0.0.1:1", "--port", "0", "--insecure")
     assert proc.returncode == 2
@@ -159,6 +168,7 @@ def test_api_with_an_unreachable_registry_is_one_line():
     )
 
 
+@pytest.mark.processes
 def test_api_bad_concurrency_is_one_line():
     proc = _swarm("api", "--registry", "127.0.0.1:1", "--concurrency", "0", "--insecure")
     assert proc.returncode == 2

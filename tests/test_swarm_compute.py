@@ -16,7 +16,7 @@ from fedswarm.server.swarm.blocks import block_bytes, load_span
 from fedswarm.server.swarm.registry import RegistryTable
 from fedswarm.server.swarm.sessions import SessionLimitError, SessionTable
 from fedswarm.server.swarm.throughput import measure_throughput
-from tests.swarm_support import make_adapter
+from tests.swarm_support import make_adapter, roundoff_tol
 
 CUDA = torch.cuda.is_available()
 IDS = torch.tensor([[504, 3575, 282, 4649, 314, 7042, 30, 198]])
@@ -92,7 +92,7 @@ def test_two_spans_equal_the_whole_model_with_and_without_cache():
             for a, b in [(0, 3), (3, 6), (6, 7), (7, 8)]
         ]
         cached = model.lm_head(model.model.norm(torch.cat(parts, dim=1)))
-    assert (cached - reference).abs().max() < 1e-4
+    assert (cached - reference).abs().max() <= roundoff_tol(reference)
 
 
 def test_cpu_span_keeps_weights_and_caches_on_the_cpu():
@@ -113,7 +113,7 @@ def test_cuda_spans_match_the_local_model_with_and_without_cache(tmp_path):
         embeds = model.model.embed_tokens(IDS)  # on the CPU, as hidden states arrive over the wire
         hidden = tail.forward(head.forward(embeds, 0, 3), 3, 4)
         assert hidden.device.type == "cpu" and hidden.dtype == embeds.dtype
-        assert (model.lm_head(model.model.norm(hidden)) - reference).abs().max() < 1e-3
+        assert (model.lm_head(model.model.norm(hidden)) - reference).abs().max() <= roundoff_tol(reference)
         caches = (head.new_cache(0, 3, 1, 8), tail.new_cache(3, 4, 1, 8))
         assert all(c.keys.device.type == "cuda" and c.values.device.type == "cuda" for c in caches)
         parts = [
@@ -121,7 +121,7 @@ def test_cuda_spans_match_the_local_model_with_and_without_cache(tmp_path):
             for a, b in [(0, 3), (3, 6), (6, 7), (7, 8)]
         ]
         cached = model.lm_head(model.model.norm(torch.cat(parts, dim=1)))
-        assert (cached - reference).abs().max() < 1e-3
+        assert (cached - reference).abs().max() <= roundoff_tol(reference)
         # bf16 on the wire: the span computes in its own dtype and answers in the caller's
         half = head.forward(embeds.to(torch.bfloat16), 0, 3)
         assert half.dtype == torch.bfloat16 and half.device.type == "cpu"
@@ -131,14 +131,16 @@ def test_cuda_spans_match_the_local_model_with_and_without_cache(tmp_path):
     merge_adapter(cpu_span, folder)
     merge_adapter(gpu_span, folder)
     x = torch.randn(1, 5, 64)
-    assert (gpu_span.forward(x, 0, 4) - cpu_span.forward(x, 0, 4)).abs().max() < 1e-3
+    on_cpu = cpu_span.forward(x, 0, 4)
+    assert (gpu_span.forward(x, 0, 4) - on_cpu).abs().max() <= roundoff_tol(on_cpu)
     assert measure_throughput(gpu_span, steps=2) > 0
 
 
 def test_sub_span_of_a_server_matches_its_full_span():
     span = load_span(parse_model("tiny"), 0, 4)
     x = torch.randn(1, 5, 64)
-    assert torch.allclose(span.forward(span.forward(x, 0, 1), 1, 4), span.forward(x, 0, 4), atol=1e-6)
+    whole = span.forward(x, 0, 4)
+    assert (span.forward(span.forward(x, 0, 1), 1, 4) - whole).abs().max() <= roundoff_tol(whole)
 
 
 def _random_adapter(folder):
@@ -159,7 +161,7 @@ def test_merged_adapter_span_matches_peft_model(tmp_path):
         hidden = spans[1].forward(spans[0].forward(base.model.embed_tokens(IDS), 0, 1), 1, 4)
         logits = base.lm_head(base.model.norm(hidden))
         expected = reference(IDS).logits
-        assert (logits - expected).abs().max() < 1e-4
+        assert (logits - expected).abs().max() <= roundoff_tol(expected)
         assert (base(IDS).logits - expected).abs().max() > 1e-2  # the adapter does change the output
 
 

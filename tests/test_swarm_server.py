@@ -16,6 +16,7 @@ from fedswarm.protos.tensors import PROTOCOL_VERSION, from_proto, to_proto
 from fedswarm.server.swarm.blocks import load_span
 from fedswarm.server.swarm.handler import BlockServicer
 from fedswarm.server.swarm.sessions import SessionTable
+from tests.swarm_support import roundoff_tol
 
 
 @pytest.fixture(scope="module")
@@ -58,8 +59,9 @@ def test_inference_stream_matches_stateless_forward(server):
     streamed = torch.cat([from_proto(r.hidden) for r in replies], dim=1)
     assert [r.length for r in replies] == [3, 5]
     request = swarm_pb2.ForwardRequest(protocol_version=PROTOCOL_VERSION, start=0, end=4, hidden=to_proto(x))
-    # sdpa's causal and explicit-mask paths round differently: up to ~5e-5 on outputs of magnitude ~10
-    assert torch.allclose(streamed, from_proto(stub.Forward(request).hidden), atol=1e-4)
+    # sdpa's causal and explicit-mask paths round differently (~5e-5 seen on outputs of magnitude ~10)
+    whole = from_proto(stub.Forward(request).hidden)
+    assert (streamed - whole).abs().max() <= roundoff_tol(whole)
     time.sleep(0.2)
     assert sessions.used_bytes == 0  # the cache is released when the stream ends
 

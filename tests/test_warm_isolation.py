@@ -14,6 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 RUNS = {  # name -> (FederationConfig fields, partition id, rank of the adapter sent)
@@ -34,11 +35,11 @@ torch.save(out, sys.argv[2])
 def reply_of(name: str, data: str) -> dict[str, torch.Tensor]:
     """Run message ``name`` through the ClientApp in this process; the reply's adapter."""
     from flwr.app import ArrayRecord, Context, Message, RecordDict
-    from flwr.supercore.task_identity import TaskIdentity
 
     from fedswarm.client.trainer.app import app
     from fedswarm.common.config import FederationConfig
     from fedswarm.common.contract import arrays_of
+    from fedswarm.common.flower_internals import act_as_node
     from fedswarm.common.lora import adapter_state, attach_lora
     from fedswarm.common.model import load_model
     from fedswarm.server.coordinator.round_plan import round_config
@@ -60,7 +61,7 @@ def reply_of(name: str, data: str) -> dict[str, torch.Tensor]:
     sent = {k: v + 0.05 * torch.randn(v.shape, generator=gen) for k, v in sent.items()}  # B non-zero too
     if name == "B":  # ffa sends B only
         sent = {k: v for k, v in sent.items() if "lora_B" in k}
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
+    act_as_node(0)
     content = RecordDict({"arrays": ArrayRecord(sent), "config": round_config(cfg, 1, simulated=True)})
     message = Message(content=content, dst_node_id=0, message_type="train")
     context = Context(
@@ -80,6 +81,7 @@ def _fresh(names: list[str], data: Path, tmp_path: Path) -> dict[str, dict[str, 
     return torch.load(out)
 
 
+@pytest.mark.processes
 def test_a_warm_process_answers_as_a_fresh_one(labelled_file, tmp_path):
     torch.set_num_threads(1)
     warm = {name: reply_of(name, str(labelled_file)) for name in ("A", "B", "C")}  # one process, in turn

@@ -22,7 +22,9 @@ class ApiCommand(SwarmSecurity):
     host: str = host_option()
     port: int = option(8000, "port (0 picks a free one and prints it)")
     concurrency: int = option(8, "generations run at once; more requests wait for a worker")
-    max_context: int = option(4096, "longest prompt + completion, tokens (keep it <= the servers' --max-length)")
+    max_context: int = option(
+        4096, "longest prompt + completion, tokens (a server refuses sessions past its own --max-length)"
+    )
     default_max_tokens: int = option(256, "max_tokens of a request that gives none (cut to what the context leaves)")
     threads: int = threads_option()
     api_key: list[str] | None = option(

@@ -17,7 +17,7 @@ from fedswarm.client.trainer.node_round import node_rank, prepare_adapter, train
 from fedswarm.client.trainer.proximal import ProximalTerm, chain
 from fedswarm.client.trainer.runtime import Shard, lora_model, shard_for
 from fedswarm.common.codecs import codec_for
-from fedswarm.common.config import FederationConfig, from_run_config
+from fedswarm.common.config import NodeConfig, from_run_config
 from fedswarm.common.contract import (
     CONTROL_KEY,
     NODE_INFO_KEY,
@@ -41,7 +41,7 @@ app = ClientApp()
 class Prepared:
     """Everything a handler works with: settings, this node's data and its model with the adapter."""
 
-    cfg: FederationConfig
+    cfg: NodeConfig
     server_round: int
     device: str
     shard: Shard
@@ -57,7 +57,7 @@ def _prepare(msg: Message, context: Context) -> Prepared:
     from fedswarm.common.device import check_quantize_base, resolve_device
 
     config = dict(msg.content["config"])
-    cfg = from_run_config(FederationConfig, config)
+    cfg = from_run_config(NodeConfig, config)
     threads = max(1, int(cfg.cpus_per_client))
     if torch.get_num_threads() != threads:
         torch.set_num_threads(threads)

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from fedswarm.client.trainer.runtime import Shard
 from fedswarm.common.codecs import AdapterCodec, codec_for
-from fedswarm.common.config import FederationConfig
+from fedswarm.common.config import NodeConfig
 from fedswarm.common.contract import Reply
 from fedswarm.common.seeds import DP_NOISE, round_seed
 
@@ -27,7 +27,7 @@ class RoundOutput:
     note: str = ""  # why the node declined, when it did
 
 
-def node_rank(cfg: FederationConfig, node_config: Mapping[str, Any], partition_id: int) -> int:
+def node_rank(cfg: NodeConfig, node_config: Mapping[str, Any], partition_id: int) -> int:
     """This node's LoRA rank: node config ``lora-rank``, else ``--client-ranks``, else ``--lora-rank``."""
     if "lora-rank" in node_config:
         return int(node_config["lora-rank"])
@@ -55,7 +55,7 @@ def prepare_adapter(
             param.requires_grad_(codec.trainable(name))
 
 
-def outgoing(model: PeftModel, cfg: FederationConfig) -> dict[str, torch.Tensor]:
+def outgoing(model: PeftModel, cfg: NodeConfig) -> dict[str, torch.Tensor]:
     """What the node sends back: the tensors its codec trains."""
     from fedswarm.common.lora import adapter_state
 
@@ -66,7 +66,7 @@ def train_round(
     model: PeftModel,
     tokenizer: PreTrainedTokenizerBase,
     shard: Shard,
-    cfg: FederationConfig,
+    cfg: NodeConfig,
     server_round: int,
     privacy_history: str | None,
     on_grads: Callable[[], None] | None = None,
@@ -89,7 +89,7 @@ def _train_dp(
     model: PeftModel,
     tokenizer: PreTrainedTokenizerBase,
     shard: Shard,
-    cfg: FederationConfig,
+    cfg: NodeConfig,
     seed: int,
     privacy_history: str | None,
     on_grads: Callable[[], None] | None,
@@ -134,12 +134,12 @@ def _noise_for(epsilon: float, delta: float, q: float, steps: int, accountant: s
     return calibrate_noise(epsilon, delta, q, steps, accountant)
 
 
-def _calibrated(cfg: FederationConfig, q: float) -> float:
+def _calibrated(cfg: NodeConfig, q: float) -> float:
     """The noise that spends ``--epsilon`` over every round's steps at rate ``q`` (cached: PRV takes seconds)."""
     return _noise_for(cfg.epsilon, cfg.delta, q, cfg.rounds * cfg.local_steps, cfg.accountant)
 
 
-def _noise_seed(cfg: FederationConfig, batch_seed: int) -> int | None:
+def _noise_seed(cfg: NodeConfig, batch_seed: int) -> int | None:
     """``--dp-seed``'s noise stream for this node and round (None: noise seeded from the OS)."""
     return None if cfg.dp_seed < 0 else round_seed(cfg.dp_seed, 0, batch_seed, DP_NOISE)
 

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from fedswarm.common.config import FederationConfig
+from fedswarm.common.config import NodeConfig
 from fedswarm.common.data import Example, load_examples
 from fedswarm.common.errors import FedswarmError
 from fedswarm.common.splits import node_slices, pool_partition
@@ -56,7 +56,7 @@ def examples(data: str, max_samples: int) -> list[Example]:
     return load_examples(data, max_samples)
 
 
-def simulated_shard(node_config: Mapping[str, Any], cfg: FederationConfig, pool: str = "") -> Shard:
+def simulated_shard(node_config: Mapping[str, Any], cfg: NodeConfig, pool: str = "") -> Shard:
     """This virtual node's partition of the shared pool ``pool`` (the held-out split excluded).
 
     ``pool`` is the run's ``data``, which a simulation's coordinator sends its virtual nodes
@@ -69,14 +69,14 @@ def simulated_shard(node_config: Mapping[str, Any], cfg: FederationConfig, pool:
     return Shard([records[i] for i in train], [records[i] for i in validation], pid)
 
 
-def local_shard(data_path: str, cfg: FederationConfig) -> Shard:
+def local_shard(data_path: str, cfg: NodeConfig) -> Shard:
     """A deployed node's own file: all of it is this node's, a slice kept for validation."""
     records = examples(data_path, cfg.max_samples)
     train, validation = node_slices(range(len(records)))
     return Shard([records[i] for i in train], [records[i] for i in validation], -1)
 
 
-def shard_for(node_config: Mapping[str, Any], cfg: FederationConfig, pool: str) -> Shard:
+def shard_for(node_config: Mapping[str, Any], cfg: NodeConfig, pool: str) -> Shard:
     """A deployed node's own file (node config ``data-path``), else a simulated node's partition of ``pool``."""
     if "data-path" in node_config:
         return local_shard(str(node_config["data-path"]), cfg)

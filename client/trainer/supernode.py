@@ -46,14 +46,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = args[2:]
     if not poll > 0:
         raise SystemExit(f"--poll-interval must be > 0 seconds, got {poll}")
-    import flwr.supercore.retry.grpc_retry as grpc_retry
-    import flwr.supercore.retry.http_retry as http_retry
-    import flwr.supernode.start_client_internal as loop
-    from flwr.supernode.cli import flower_supernode
+    from fedswarm.common.flower_internals import flower_supernode, shorten_supernode_waits
 
-    loop.time = _ShortSleeps(poll)
-    for retry in (grpc_retry, http_retry):  # read when each retry schedule starts (exponential(max_delay=...))
-        setattr(retry, "MAX_RETRY_DELAY", RECONNECT_MAX_DELAY)  # noqa: B010 - Flower's module constant
+    shorten_supernode_waits(_ShortSleeps(poll), RECONNECT_MAX_DELAY)
     sys.argv = ["flower-supernode", *args]
     flower_supernode()
     return 0

@@ -35,28 +35,38 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 
-from flwr.app import Context, Message, RecordDict
-from flwr.app.error import Error
-from flwr.app.message import remove_content_from_message
+from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
-from flwr.common.constant import ErrorCode, SubStatus
-from flwr.common.serde import context_from_proto, message_from_proto, message_to_proto, run_from_proto
-from flwr.proto.message_pb2 import Message as ProtoMessage
-from flwr.proto.node_pb2 import Node
-from flwr.proto.runtime_pb2 import AcquireTaskRequest, PullAppMessagesRequest, PullTaskInputRequest
-from flwr.supercore.constant import TaskType
-from flwr.supercore.heartbeat import HeartbeatSender, make_task_heartbeat_fn_http
-from flwr.supercore.inflatable.inflatable_protobuf_utils import (
+
+from fedswarm.common.flower_internals import (
+    AcquireTaskRequest,
+    ErrorCode,
+    HeartbeatSender,
+    Node,
+    ProtobufClientInterceptor,
+    ProtoMessage,
+    PullAppMessagesRequest,
+    PullTaskInputRequest,
+    Run,
+    RuntimeHttpClient,
+    RuntimeTokenHttpInterceptor,
+    RuntimeVersionHttpInterceptor,
+    SubStatus,
+    TaskType,
+    context_from_proto,
     make_confirm_message_received_fn_protobuf,
     make_pull_object_fn_protobuf,
+    make_simple_http_retry_invoker,
+    make_task_heartbeat_fn_http,
+    message_from_proto,
+    message_to_proto,
+    pull_and_inflate_object_from_tree,
+    push_message,
+    push_task_output,
+    remove_content_from_message,
+    run_from_proto,
+    set_message_id,
 )
-from flwr.supercore.inflatable.inflatable_utils import pull_and_inflate_object_from_tree
-from flwr.supercore.interceptors import RuntimeTokenHttpInterceptor, RuntimeVersionHttpInterceptor
-from flwr.supercore.protobuf.client import ProtobufClientInterceptor
-from flwr.supercore.retry import make_simple_http_retry_invoker
-from flwr.supercore.run import Run
-from flwr.supercore.runtime import RuntimeHttpClient
-from flwr.supernode.runtime.run_clientapp import push_message, push_task_output
 
 log = logging.getLogger("fedswarm")
 
@@ -103,7 +113,7 @@ def pull_task_input(client: RuntimeHttpClient) -> tuple[Message, Context, Run]:
         initial_backoff=PULL_BACKOFF,
         backoff_cap=PULL_BACKOFF_CAP,
     )
-    message.metadata.__dict__["_message_id"] = tree.object_id  # as Flower: the deflated message lacks its id
+    set_message_id(message, tree.object_id)  # as Flower: the deflated message lacks its id
     return message, context, run
 
 

@@ -17,7 +17,7 @@ from fedswarm.common.codecs.svd import SvdCodec
 from fedswarm.common.errors import InputError
 
 if TYPE_CHECKING:
-    from fedswarm.common.config import FederationConfig
+    from fedswarm.common.config import NodeSettings
 
 CODECS: dict[str, type[AdapterCodec]] = {c.name: c for c in (FedAvgCodec, FfaCodec, SvdCodec)}
 MODES = tuple(CODECS)
@@ -30,7 +30,7 @@ def codec_class(mode: str) -> type[AdapterCodec]:
         raise InputError(f"--aggregation must be {spoken(list(MODES))}, got {mode!r}") from None
 
 
-def codec_for(cfg: FederationConfig) -> AdapterCodec:
+def codec_for(cfg: NodeSettings) -> AdapterCodec:
     """The codec of ``cfg.aggregation``, set up with the run's alpha, global rank and server step."""
     return codec_class(cfg.aggregation)(cfg)
 

@@ -3,18 +3,23 @@
 A round's adapter crosses the wire twice. The coordinator sends the global adapter
 (:meth:`AdapterCodec.outgoing`, per node :meth:`AdapterCodec.personal`); the node rebuilds
 its own adapter from it (:meth:`rebuild`, :meth:`trainable`) and replies (:meth:`reply`);
-the coordinator checks the reply's shape (:meth:`expected_shapes`), decodes it once
-(:meth:`decode`), aggregates the replies with the codec's Flower strategy
-(:meth:`strategy`), completes the global adapter (:meth:`complete`) and measures how far
-the aggregate is from the clients' mean product (:meth:`residual`). Everything that
-differs between fedavg, ffa and svd is a method or a class attribute here; nothing else
-in fedswarm compares the mode's name.
+the coordinator checks the reply's shape (:meth:`expected_shapes`), turns the replies into
+aggregation inputs (:meth:`clients`, one decode per reply), aggregates them
+(:meth:`aggregate`: the mode's rule, with the residual of that aggregate) and completes the
+global adapter (:meth:`complete`). Everything that differs between fedavg, ffa and svd is a
+method or a class attribute here; nothing else in fedswarm compares the mode's name.
+
+A codec is a rule, not a store: it holds the run's alpha and global rank and nothing else,
+so every method is a function of its arguments (``tests/test_codecs.py`` interleaves two
+rounds' calls). The Flower strategy that calls it lives with the coordinator
+(``server/coordinator/strategy.py``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
-from typing import TYPE_CHECKING, Any, ClassVar
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar
 
 from fedswarm.common.codecs.product import Client, State, apply_server_lr, residual, server_step
 from fedswarm.common.contract import Reply, from_record, number
@@ -22,10 +27,17 @@ from fedswarm.common.errors import InputError
 
 if TYPE_CHECKING:
     import torch
-    from flwr.app import ArrayRecord, Message
-    from flwr.serverapp.strategy import Strategy
+    from flwr.app import Message
 
-    from fedswarm.common.config import FederationConfig
+    from fedswarm.common.config import FederationConfig, NodeSettings
+
+
+@dataclass(frozen=True)
+class Aggregate:
+    """A mode's aggregate of one round's replies, and how far its product lies from the clients' mean product."""
+
+    state: dict[str, torch.Tensor]  # what complete() turns into the next global adapter
+    residual: float  # ||sum p s B A - s' B' A'||_F / ||sum p s B A||_F of the adapter complete() gives
 
 
 class AdapterCodec:
@@ -39,23 +51,29 @@ class AdapterCodec:
     central_dp: ClassVar[bool] = True  # Flower's central DP wrapper fits its strategy
     server_optimizers: ClassVar[bool] = True  # the aggregate is factor-wise: any --server-optimizer applies
 
-    def __init__(self, cfg: FederationConfig) -> None:
+    def __init__(self, cfg: NodeSettings) -> None:
         self.alpha = cfg.lora_alpha
         self.rank = cfg.server_rank()
-        # server SGD is the codec's (svd takes it in product space); other optimizers step after complete()
-        self.server_lr = cfg.server_lr if cfg.server_optimizer == "sgd" else 1.0
-        self.fraction_evaluate = cfg.fraction_evaluate
-        self._decoded: dict[int, tuple[ArrayRecord, dict[str, torch.Tensor]]] = {}
 
     # ---- settings -------------------------------------------------------------------------
     @classmethod
-    def check(cls, cfg: FederationConfig) -> None:
-        """Refuse settings this mode cannot honour (one-line :class:`InputError`)."""
+    def check_node(cls, cfg: NodeSettings) -> None:
+        """Refuse node settings this mode cannot honour (one-line :class:`InputError`)."""
         from fedswarm.common.codecs import CODECS, spoken
 
         if cfg.scaffold and not cls.scaffold:
             fits = spoken([c.name for c in CODECS.values() if c.scaffold])
             raise InputError(f"--scaffold works with --aggregation {fits} ({cls.scaffold_why()})")
+        if not cls.mixed_ranks and len(set(cfg.ranks())) > 1:
+            fits = spoken([c.name for c in CODECS.values() if c.mixed_ranks])
+            raise InputError(f"clients with different --client-ranks need --aggregation {fits}")
+
+    @classmethod
+    def check(cls, cfg: FederationConfig) -> None:
+        """Refuse a run's settings this mode cannot honour: the node's, central DP and the server optimiser."""
+        from fedswarm.common.codecs import CODECS, spoken
+
+        cls.check_node(cfg)
         if cfg.central_dp and not cls.central_dp:
             fits = spoken([c.name for c in CODECS.values() if c.central_dp])
             raise InputError(f"--central-dp works with --aggregation {fits} (it wraps FedAvg)")
@@ -65,16 +83,13 @@ class AdapterCodec:
                 f"--server-optimizer {cfg.server_optimizer} works with --aggregation {fits}: {cls.name} re-factorises "
                 "a product-space mean, so only server SGD (--server-lr) applies to it"
             )
-        if not cls.mixed_ranks and len(set(cfg.ranks())) > 1:
-            fits = spoken([c.name for c in CODECS.values() if c.mixed_ranks])
-            raise InputError(f"clients with different --client-ranks need --aggregation {fits}")
 
     @classmethod
     def scaffold_why(cls) -> str:
         return f"{cls.name} re-bases the factors each round"
 
     @classmethod
-    def global_rank(cls, cfg: FederationConfig) -> int:
+    def global_rank(cls, cfg: NodeSettings) -> int:
         """Rank of the global adapter the coordinator holds."""
         return cfg.lora_rank
 
@@ -116,45 +131,40 @@ class AdapterCodec:
         return {k: tuple(v.shape) for k, v in sent.items()}
 
     def decode(self, reply: Message) -> dict[str, torch.Tensor]:
-        """The reply's adapter as tensors, decoded once per record (screening, aggregation and
-        the residual all ask; a record Flower's central DP replaced by a clipped one is new)."""
-        record = reply.content.array_records["arrays"]
-        hit = self._decoded.get(id(record))
-        if hit is None or hit[0] is not record:
-            hit = (record, from_record(record))
-            self._decoded[id(record)] = hit
-        return hit[1]
+        """The reply's adapter as tensors (decoded anew on every call: callers decode a reply once)."""
+        return from_record(reply.content.array_records["arrays"])
 
-    def forget(self) -> None:
-        """Drop the decoded replies (between rounds)."""
-        self._decoded.clear()
-
-    def client(self, reply: Message, prior: State) -> Client:
-        """A reply as an aggregation input: its full adapter (frozen tensors from ``prior``), weight and scale."""
+    def clients(self, replies: Iterable[Message], prior: State) -> list[Client]:
+        """The replies as aggregation inputs, each decoded once: its full adapter (the tensors nodes do not
+        train taken from ``prior``), its weight (``num-examples``) and its scale."""
         from fedswarm.common.lora import lora_rank_of
 
-        state = {**{k: v for k, v in prior.items() if not self.trainable(k)}, **self.decode(reply)}
-        return Client(state, number(reply.content["metrics"], Reply.NUM_EXAMPLES), self.alpha / lora_rank_of(state))
+        frozen = {k: v for k, v in prior.items() if not self.trainable(k)}
+        out = []
+        for reply in replies:
+            state = {**frozen, **self.decode(reply)}
+            weight = number(reply.content["metrics"], Reply.NUM_EXAMPLES)
+            out.append(Client(state, weight, self.alpha / lora_rank_of(state)))
+        return out
 
-    def strategy(self, min_clients: int, central_dp: bool = False) -> Strategy:
-        """The Flower strategy that aggregates this mode's replies (to be wrapped in Flower's central DP
-        when ``central_dp``; such a strategy weights every client once)."""
+    def aggregate(self, clients: Sequence[Client], prior: State, server_lr: float = 1.0) -> Aggregate:
+        """The mode's aggregate of ``clients`` (who started from ``prior``) and its residual."""
         raise NotImplementedError
 
-    def complete(self, aggregated: State, prior: State) -> dict[str, torch.Tensor]:
-        """The next global adapter from the strategy's aggregate and the adapter sent (``prior``).
+    def complete(self, aggregated: State, prior: State, server_lr: float = 1.0) -> dict[str, torch.Tensor]:
+        """The next global adapter from an aggregate and the adapter sent (``prior``).
 
         Factor-wise modes take FedOpt's server step here (after any central DP noise): each
-        array moves ``--server-lr`` times its change; tensors the nodes do not train are kept.
+        array moves ``server_lr`` times its change; tensors the nodes do not train are kept.
         """
-        stepped = apply_server_lr(prior, aggregated, self.server_lr)
+        stepped = apply_server_lr(prior, aggregated, server_lr)
         return {**{k: v for k, v in prior.items() if not self.trainable(k)}, **stepped}
 
-    def residual(self, strategy: Any, replies: Iterable[Message], new: State, prior: State) -> float:
-        """Relative Frobenius error of ``new``'s product against the server-stepped ``sum p s B A``."""
-        clients = [self.client(r, prior) for r in replies]
+    def residual(self, clients: Sequence[Client], aggregated: State, prior: State, server_lr: float = 1.0) -> float:
+        """Relative Frobenius error of the completed adapter's product against the server-stepped ``sum p s B A``."""
         scale = self.alpha / self.rank
-        return residual(server_step(clients, prior, scale, self.server_lr), new, scale)
+        new = self.complete(aggregated, prior, server_lr)
+        return residual(server_step(clients, prior, scale, server_lr), new, scale)
 
 
 def shapes_at_rank(shapes: Mapping[str, tuple[int, ...]], rank: int) -> dict[str, tuple[int, ...]]:

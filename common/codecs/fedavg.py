@@ -7,30 +7,18 @@ aggregation residual says by how much. Every default of :class:`AdapterCodec` is
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, ClassVar
+from typing import ClassVar
 
-from fedswarm.common.codecs.base import AdapterCodec
-from fedswarm.common.codecs.product import State, weighted_mean
-from fedswarm.common.contract import Reply
-
-if TYPE_CHECKING:
-    import torch
-    from flwr.serverapp.strategy import Strategy
+from fedswarm.common.codecs.base import AdapterCodec, Aggregate
+from fedswarm.common.codecs.product import Client, State, weighted_mean
 
 
 class FedAvgCodec(AdapterCodec):
     name: ClassVar[str] = "fedavg"
     help: ClassVar[str] = "A, B averaged apart"
 
-    def strategy(self, min_clients: int, central_dp: bool = False) -> Strategy:
-        """Flower's FedAvg (sampling, metrics) aggregating through :meth:`aggregate`; under central DP
-        Flower's own, unchanged, as its accounting requires (equal weights: user-level DP)."""
-        from fedswarm.common.codecs.strategies import FlowerFedAvg, LoraFedAvg
-
-        if central_dp:
-            return FlowerFedAvg(min_clients, self.fraction_evaluate, Reply.UNIT_WEIGHT)
-        return LoraFedAvg(self, min_clients, self.fraction_evaluate)
-
-    def aggregate(self, states: Sequence[State], weights: Sequence[float], prior: State) -> dict[str, torch.Tensor]:
-        """The weighted mean of the replies' tensors (Flower FedAvg's rule, summed in float64)."""
-        return weighted_mean(states, weights)
+    def aggregate(self, clients: Sequence[Client], prior: State, server_lr: float = 1.0) -> Aggregate:
+        """The weighted mean of the tensors the nodes train (Flower FedAvg's rule, summed in float64)."""
+        trained = [{k: v for k, v in c.state.items() if self.trainable(k)} for c in clients]
+        mean = weighted_mean(trained, [c.weight for c in clients])
+        return Aggregate(mean, self.residual(clients, mean, prior, server_lr))

@@ -8,18 +8,16 @@ product space inside the aggregation.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING, Any, ClassVar
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, ClassVar
 
-from fedswarm.common.codecs.base import AdapterCodec, shapes_at_rank
+from fedswarm.common.codecs.base import AdapterCodec, Aggregate, shapes_at_rank
 from fedswarm.common.codecs.product import Client, State, server_step, svd_aggregate, svd_state
 
 if TYPE_CHECKING:
     import torch
-    from flwr.app import Message
-    from flwr.serverapp.strategy import Strategy
 
-    from fedswarm.common.config import FederationConfig
+    from fedswarm.common.config import NodeSettings
 
 
 class SvdCodec(AdapterCodec):
@@ -30,13 +28,10 @@ class SvdCodec(AdapterCodec):
     central_dp: ClassVar[bool] = False
     server_optimizers: ClassVar[bool] = False
 
-    def __init__(self, cfg: FederationConfig) -> None:
-        super().__init__(cfg)
-        self.last_residual = 0.0
-
     @classmethod
-    def global_rank(cls, cfg: FederationConfig) -> int:
-        return cfg.global_rank or max(cfg.ranks())
+    def global_rank(cls, cfg: NodeSettings) -> int:
+        # a node's settings carry no --global-rank (the coordinator's): nodes never need it
+        return int(getattr(cfg, "global_rank", 0)) or max(cfg.ranks())
 
     def personal(self, state: State, rank: int | None) -> dict[str, torch.Tensor] | None:
         """The global adapter re-expressed at the node's own rank (leading components, same product)."""
@@ -53,22 +48,13 @@ class SvdCodec(AdapterCodec):
             return shapes
         return shapes_at_rank(shapes, rank)
 
-    def strategy(self, min_clients: int, central_dp: bool = False) -> Strategy:
-        from fedswarm.common.codecs.strategies import LoraSvd
-
-        return LoraSvd(self, min_clients, self.fraction_evaluate)
-
-    def aggregate(self, clients: Sequence[Client], prior: State) -> dict[str, torch.Tensor]:
-        """The server-stepped mean product, truncated at the global rank; records the truncation's residual."""
-        stepped = server_step(clients, prior, self.alpha / self.rank, self.server_lr)
+    def aggregate(self, clients: Sequence[Client], prior: State, server_lr: float = 1.0) -> Aggregate:
+        """The server-stepped mean product truncated at the global rank; its residual is the truncation's
+        own error (exactly the product-space residual, computed for free)."""
+        stepped = server_step(clients, prior, self.alpha / self.rank, server_lr)
         result = svd_aggregate(stepped, self.rank)
-        self.last_residual = result.residual
-        return svd_state(result, self.rank, self.alpha / self.rank)
+        return Aggregate(svd_state(result, self.rank, self.alpha / self.rank), result.residual)
 
-    def complete(self, aggregated: State, prior: State) -> dict[str, torch.Tensor]:
+    def complete(self, aggregated: State, prior: State, server_lr: float = 1.0) -> dict[str, torch.Tensor]:
         """The aggregate already is the next adapter (the server step happened in product space)."""
         return dict(aggregated)
-
-    def residual(self, strategy: Any, replies: Iterable[Message], new: State, prior: State) -> float:
-        """The SVD's own truncation error (exactly the product-space residual, computed for free)."""
-        return self.last_residual

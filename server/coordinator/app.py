@@ -7,10 +7,10 @@ from dataclasses import replace
 
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
-from flwr.superlink.grid import InMemoryGrid
 
 from fedswarm.common.config import FederationConfig, from_run_config
 from fedswarm.common.errors import FedswarmError
+from fedswarm.common.flower_internals import is_simulation_grid
 from fedswarm.common.logs import setup_logging
 from fedswarm.server.coordinator.federation import run_federation
 from fedswarm.server.coordinator.rounds import simulation_node_count
@@ -24,7 +24,7 @@ app = ServerApp()
 def main(grid: Grid, context: Context) -> None:
     setup_logging()
     cfg = from_run_config(FederationConfig, context.run_config)
-    simulated = isinstance(grid, InMemoryGrid)  # a simulation: `flwr run .` or `fedswarm simulate`
+    simulated = is_simulation_grid(grid)  # a simulation: `flwr run .` or `fedswarm simulate`
     if simulated and not cfg.resume:
         cfg = fit_to_simulation(cfg, simulation_node_count(grid, cfg.clients))
     run_federation(grid, cfg, simulated=simulated)

@@ -8,7 +8,7 @@ as Opacus' sampled Gaussian with sample rate 1.
 
 from __future__ import annotations
 
-from flwr.supercore.privacy_accounting import GaussianPrivacyEvent, PrivacyConfig, PrivacySpent
+from fedswarm.common.flower_internals import GaussianPrivacyEvent, PrivacyConfig, PrivacySpent
 
 
 class OpacusRdpAccountant:

@@ -8,8 +8,9 @@ import time
 from dataclasses import asdict, replace
 from typing import TYPE_CHECKING, Any
 
-from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+from flwr.app import ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
 
 from fedswarm.common.codecs import AdapterCodec, codec_for
 from fedswarm.common.config import FederationConfig
@@ -17,14 +18,13 @@ from fedswarm.common.contract import NODE_INFO_KEY, Reply, arrays_of, flag, from
 from fedswarm.common.errors import FedswarmError
 from fedswarm.common.stop import check_stop
 from fedswarm.server.coordinator.central_eval import CentralEvaluator
-from fedswarm.server.coordinator.controls import attach_control, pop_mean_control
 from fedswarm.server.coordinator.replies import Screened, screen_replies
 from fedswarm.server.coordinator.resume import Resumed, load_resume, restore_strategy, strategy_state
-from fedswarm.server.coordinator.round_plan import NodeBook, learn_from, personalise, privacy_row, round_config
-from fedswarm.server.coordinator.rounds import Collected, send_and_collect, wait_for_nodes
+from fedswarm.server.coordinator.round_plan import NodeBook, learn_from, privacy_row, round_config
+from fedswarm.server.coordinator.rounds import Collected, send_and_collect
 from fedswarm.server.coordinator.run_dir import SERVER_OPTIMIZER_FILE, RunDir
 from fedswarm.server.coordinator.server_optimizer import ServerOptimizer
-from fedswarm.server.coordinator.strategy import build_strategy
+from fedswarm.server.coordinator.strategy import RESIDUAL, build_strategy, inner
 
 if TYPE_CHECKING:
     import torch
@@ -48,23 +48,23 @@ def run_federation(grid: Grid, cfg: FederationConfig, simulated: bool = False) -
     if not resumed and run.read_metrics():
         raise FedswarmError(f"--out {cfg.out}: already holds a run (metrics.jsonl); choose another folder")
     codec = codec_for(cfg)
-    strategy = build_strategy(cfg, codec, cfg.needed_clients())
     evaluator = CentralEvaluator(cfg)
-    state = evaluator.initial_state()
-    state, book, rows = _starting_point(resumed, strategy, evaluator, state, run, cfg)
-    optimizer = server_optimizer(cfg, run, resumed.round if resumed else 0)
+    state, book, rows = _starting_point(resumed, evaluator, evaluator.initial_state(), run, cfg)
+    frozen = {k: v for k, v in state.items() if not codec.trainable(k)}  # ffa's seeded A: never sent
     control = resumed.control if resumed else None  # SCAFFOLD's c (none before round 1)
+    strategy = build_strategy(cfg, codec, book, frozen, NODE_WAIT_SECONDS, control)
+    if resumed:
+        restore_strategy(strategy, resumed.strategy_state)
+    lora = inner(strategy)
+    optimizer = server_optimizer(cfg, run, resumed.round if resumed else 0)
     last_round = first_round = resumed.round if resumed else 0
     for round_no in range(first_round + 1, cfg.rounds + 1):
         check_stop()
         t0 = time.perf_counter()
-        wanted = cfg.clients if round_no == first_round + 1 else cfg.needed_clients()  # everyone, at the start
-        node_ids = wait_for_nodes(grid, wanted, cfg.needed_clients(), NODE_WAIT_SECONDS)
-        log.info("round %d/%d: training on %d clients", round_no, cfg.rounds, len(node_ids))
         config = round_config(cfg, round_no, simulated)
         arrays = to_record(codec.outgoing(state), packed=not cfg.central_dp)
-        messages = personalise(strategy.configure_train(round_no, arrays, config, grid), codec, state, book)
-        attach_control(messages, control)  # None unless --scaffold, and before round 1's c
+        messages = list(strategy.configure_train(round_no, arrays, config, grid))  # waits, samples, personalises
+        log.info("round %d/%d: training on %d clients", round_no, cfg.rounds, len(messages))
         sent = {int(m.metadata.dst_node_id): arrays_of(m.content) for m in messages}
         collected = send_and_collect(grid, messages, cfg.round_timeout, _progress(round_no))
         screened = screen_replies(collected.replies, cfg, sent, round_no, codec)
@@ -77,19 +77,19 @@ def run_federation(grid: Grid, cfg: FederationConfig, simulated: bool = False) -
                 "round %d: no client trained (%d declined: DP budget reached); stopping", round_no, len(declined)
             )
             break
-        if cfg.scaffold:  # c from the nodes' c_i; their control records leave the replies here
-            control = pop_mean_control(trained)
         aggregated, train_metrics = strategy.aggregate_train(round_no, trained)
         if aggregated is None:
             raise FedswarmError(f"round {round_no}: aggregation produced no adapter")
-        new_state = codec.complete(from_record(aggregated), state)
-        residual = codec.residual(strategy, trained, new_state, state)
-        codec.forget()
+        train_metrics = MetricRecord(dict(train_metrics or {}))
+        found = train_metrics.pop(RESIDUAL, None)  # Flower's own FedAvg (central DP) reports none
+        residual = lora.residual(trained, aggregated) if found is None else float(found)  # type: ignore[arg-type]
+        new_state = codec.complete(from_record(aggregated), state, lora.server_lr)
         if optimizer.stateful:  # FedAvgM / FedAdam / FedYogi over the tensors the nodes train
             trained_keys = {k: v for k, v in new_state.items() if codec.trainable(k)}
             new_state = {**new_state, **optimizer.step(round_no, state, trained_keys)}
         state = new_state
-        fed_eval = _federated_eval(grid, strategy, codec, round_no, state, config, node_ids, cfg)
+        control = lora.control if cfg.scaffold else None
+        fed_eval = _federated_eval(grid, strategy, codec, round_no, state, config, cfg)
         result = evaluator(state) if evaluates(cfg, round_no) else None
         row = _row(
             round_no, result, train_metrics, collected, trained, time.perf_counter() - t0,
@@ -160,7 +160,6 @@ def _round_zero(evaluator: CentralEvaluator, state: dict, run: RunDir, cfg: Fede
 
 def _starting_point(
     resumed: Resumed | None,
-    strategy: Any,
     evaluator: CentralEvaluator,
     initial: dict,
     run: RunDir,
@@ -169,7 +168,6 @@ def _starting_point(
     """Adapter, node book and metrics rows to go on from: a resumed checkpoint, or round 0."""
     if resumed is None:
         return initial, NodeBook(), [_round_zero(evaluator, initial, run, cfg)]
-    restore_strategy(strategy, resumed.strategy_state)
     log.info("resuming %s after round %d (%d nodes in the book)", run.root, resumed.round, len(resumed.book.ranks))
     return resumed.state, resumed.book, resumed.rows
 
@@ -208,20 +206,20 @@ def _progress(round_no: int) -> Any:
 
 def _federated_eval(
     grid: Grid,
-    strategy: Any,
+    strategy: Strategy,
     codec: AdapterCodec,
     round_no: int,
     state: dict,
     config: ConfigRecord,
-    node_ids: list[int],
-    cfg: Any,
+    cfg: FederationConfig,
 ) -> dict[str, Any]:
+    """``--fraction-evaluate``: the global adapter scored on the nodes' own data, through the strategy's
+    ``configure_evaluate`` (FedAvg's sampling) and ``aggregate_evaluate``."""
     if cfg.fraction_evaluate <= 0:
         return {}
-    count = max(1, int(len(node_ids) * cfg.fraction_evaluate))
-    record = RecordDict({"arrays": to_record(codec.outgoing(state), packed=not cfg.central_dp), "config": config})
-    msgs = [Message(content=record, message_type=MessageType.EVALUATE, dst_node_id=n) for n in node_ids[:count]]
-    collected = send_and_collect(grid, msgs, cfg.round_timeout)
+    arrays = to_record(codec.outgoing(state), packed=not cfg.central_dp)
+    messages = list(strategy.configure_evaluate(round_no, arrays, ConfigRecord(dict(config)), grid))
+    collected = send_and_collect(grid, messages, cfg.round_timeout)
     metrics = strategy.aggregate_evaluate(round_no, collected.replies)
     if metrics is None:
         return {}

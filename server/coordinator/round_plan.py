@@ -14,6 +14,7 @@ from typing import Any
 from flwr.app import ConfigRecord, Message, RecordDict
 
 from fedswarm.common.codecs import AdapterCodec
+from fedswarm.common.codecs.product import State
 from fedswarm.common.config import FederationConfig
 from fedswarm.common.contract import PRIVACY_KEY, Reply, Sent, flag, is_packed, number, to_record, whole
 
@@ -49,15 +50,16 @@ def round_config(cfg: FederationConfig, round_no: int, simulated: bool = False) 
     return ConfigRecord({**cfg.node_run_config(), Sent.SERVER_ROUND: round_no, **pool})
 
 
-def personalise(messages: Iterable[Message], codec: AdapterCodec, state: dict, book: NodeBook) -> list[Message]:
-    """Give each strategy-built message its node's DP history, and its own adapter where the codec says so."""
+def personalise(messages: Iterable[Message], codec: AdapterCodec, prior: State, book: NodeBook) -> list[Message]:
+    """Each strategy-built message with its node's DP history, and its own adapter where the codec says so
+    (``prior``: the global adapter the round starts from)."""
     out = []
     for msg in messages:
         node = msg.metadata.dst_node_id
         config = ConfigRecord(dict(msg.content.config_records["config"]))
         if node in book.privacy:
             config[Sent.DP_HISTORY] = book.privacy[node]
-        own = codec.personal(state, book.ranks.get(node))
+        own = codec.personal(prior, book.ranks.get(node))
         sent = msg.content.array_records["arrays"]
         arrays = sent if own is None else to_record(own, packed=is_packed(sent))
         content = RecordDict({"arrays": arrays, "config": config})

@@ -78,29 +78,6 @@ def send_and_collect(
     return out
 
 
-def wait_for_nodes(grid: Grid, wanted: int, needed: int, patience: float) -> list[int]:
-    """Connected node ids once ``wanted`` are online, or ``needed`` when ``patience`` seconds have passed.
-
-    Raises ``FedswarmError`` when fewer than ``needed`` are online after ``patience`` seconds.
-    """
-    from fedswarm.common.errors import FedswarmError
-
-    deadline = time.monotonic() + patience
-    while True:
-        node_ids = sorted(grid.get_node_ids())
-        if len(node_ids) >= wanted:
-            return node_ids
-        if time.monotonic() > deadline:
-            if len(node_ids) >= needed:
-                log.warning("%d of %d client nodes online; going on with them (--min-clients %d)",
-                            len(node_ids), wanted, needed)  # fmt: skip
-                return node_ids
-            raise FedswarmError(
-                f"only {len(node_ids)} client nodes connected within {patience:.0f} s; the run needs {needed}"
-            )
-        time.sleep(1.0)
-
-
 SIMULATION_PATIENCE_S = 15.0  # longest wait for a simulation's SuperNodes to register
 SIMULATION_SETTLE_S = 2.0  # a simulation registers its SuperNodes at once: a count this old is final
 

@@ -1,31 +1,175 @@
-"""The coordinator's Flower strategy: the aggregation mode's own (its codec's), optionally under central DP.
+"""The coordinator's Flower strategy: Flower's FedAvg with the aggregation mode's rule, per-node messages and SCAFFOLD.
 
-- The codecs' strategies (``common/codecs/strategies.py``) are Flower's FedAvg with the
-  mode's aggregation rule: fedavg and ffa the weighted mean of what clients send (both
-  factors, or only B when A is frozen at the shared seed); svd averages the products
-  ``s*B@A`` and re-factorises them.
-- ``--server-lr`` (FedOpt's server SGD): fedavg/ffa move the global factors that many
-  times the clients' mean change (the codec's ``complete``, after any central DP noise);
-  svd takes the same step in product space, inside its aggregation.
+The coordinator drives Flower's Strategy contract round by round (``federation.py``):
+``configure_train`` -> send -> screen -> ``aggregate_train`` -> complete -> ``configure_evaluate``
+-> ``aggregate_evaluate``. What fedswarm adds sits in the two train hooks, as Flower's own
+FedOpt strategies keep their state:
+
+- ``configure_train`` waits once for the nodes (everyone at the run's start, ``--min-clients``
+  later, with a deadline and a clear error), lets FedAvg sample them, then personalises each
+  message: the node's DP accountant history, its own adapter where the codec says so (svd:
+  the node's rank) and SCAFFOLD's ``c``.
+- ``aggregate_train`` turns each reply into an aggregation input once (``codec.clients``),
+  aggregates with the codec's rule and reports the aggregate's residual in its metrics
+  (``aggregation-residual``); under ``--scaffold`` it first takes each node's ``c_i`` out of
+  its reply and keeps their mean as the next round's ``c``.
 - ``--central-dp`` wraps the strategy in Flower's server-side fixed-clipping DP wrapper with
-  Flower's RDP accountant; that needs equal client weights, so it weights by
-  ``unit-weight`` (every client counts once: user-level DP).
+  Flower's RDP accountant; the wrapped strategy then aggregates with Flower's own FedAvg
+  (its accounting re-encodes the clipped replies) weighted by ``unit-weight`` (every client
+  counts once: user-level DP), and the coordinator measures the residual of the noised aggregate.
+
+The codec stays a stateless rule; the state a round carries (the frozen tensors of the
+adapter, ``c``, the node book) lives here and in the coordinator, and is checkpointed there.
 """
 
 from __future__ import annotations
 
-from flwr.serverapp.strategy import Strategy
+import time
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
 
-from fedswarm.common.codecs import AdapterCodec
-from fedswarm.common.config import FederationConfig
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg, Strategy
+
+from fedswarm.common.contract import Reply, from_record
+from fedswarm.common.errors import FedswarmError
+from fedswarm.common.flower_internals import check_replies
+from fedswarm.server.coordinator.controls import attach_control, pop_mean_control
+from fedswarm.server.coordinator.round_plan import NodeBook, personalise
+
+if TYPE_CHECKING:
+    import torch
+
+    from fedswarm.common.codecs import AdapterCodec
+    from fedswarm.common.config import FederationConfig
+
+RESIDUAL = "aggregation-residual"  # aggregate_train's metric: the aggregate's relative product-space error
+NODE_POLL_SECONDS = 1.0
 
 
-def build_strategy(cfg: FederationConfig, codec: AdapterCodec, min_clients: int) -> Strategy:
+class LoraStrategy(FedAvg):
+    """Flower's FedAvg (sampling, metric aggregation, reply checks) with the codec's aggregation rule."""
+
+    def __init__(
+        self,
+        codec: AdapterCodec,
+        book: NodeBook,
+        *,
+        clients: int,
+        min_clients: int,
+        node_wait: float,
+        frozen: dict[str, torch.Tensor] | None = None,
+        server_lr: float = 1.0,
+        fraction_evaluate: float = 0.0,
+        scaffold: bool = False,
+        control: dict[str, torch.Tensor] | None = None,
+        weighted_by_key: str = Reply.NUM_EXAMPLES,
+    ) -> None:
+        super().__init__(
+            fraction_train=1.0,
+            fraction_evaluate=fraction_evaluate,
+            min_train_nodes=min_clients,
+            min_evaluate_nodes=1 if fraction_evaluate > 0 else 0,
+            min_available_nodes=min_clients,
+            weighted_by_key=weighted_by_key,
+        )
+        self.codec, self.book = codec, book
+        self.clients, self.min_clients, self.node_wait = clients, min_clients, node_wait
+        self.frozen = dict(frozen or {})  # the adapter's tensors no node trains (ffa's A): never sent
+        self.server_lr = server_lr
+        self.scaffold = scaffold
+        self.control = control  # SCAFFOLD's c: None until the first --scaffold round's replies
+        self.prior: dict[str, torch.Tensor] = {}  # the adapter this round's nodes start from
+        self.started = False
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """One wait for the nodes, FedAvg's sampling, then each node's own message (sorted by node id)."""
+        self.wait_for_nodes(grid)
+        self.prior = {**self.frozen, **from_record(arrays)}
+        messages = sorted(super().configure_train(server_round, arrays, config, grid), key=_destination)
+        messages = personalise(messages, self.codec, self.prior, self.book)
+        attach_control(messages, self.control)  # None unless --scaffold, and before round 1's c
+        return messages
+
+    def wait_for_nodes(self, grid: Grid) -> list[int]:
+        """Connected node ids once all ``clients`` are online (at the run's start) or ``min_clients`` (later);
+        at the start, ``min_clients`` suffice once ``node_wait`` seconds have passed. Raises
+        :class:`FedswarmError` when fewer are online by then."""
+        import logging
+
+        wanted = self.min_clients if self.started else self.clients
+        deadline = time.monotonic() + self.node_wait
+        while True:
+            node_ids = sorted(grid.get_node_ids())
+            if len(node_ids) >= wanted:
+                break
+            if time.monotonic() > deadline:
+                if len(node_ids) < self.min_clients:
+                    raise FedswarmError(
+                        f"only {len(node_ids)} client nodes connected within {self.node_wait:.0f} s; "
+                        f"the run needs {self.min_clients}"
+                    )
+                logging.getLogger("fedswarm").warning(
+                    "%d of %d client nodes online; going on with them (--min-clients %d)",
+                    len(node_ids), wanted, self.min_clients,
+                )  # fmt: skip
+                break
+            time.sleep(NODE_POLL_SECONDS)
+        self.started = True
+        return node_ids
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = list(replies)
+        if self.scaffold:
+            self.control = pop_mean_control(replies)  # FedAvg's checks want one ArrayRecord per reply
+        valid, _ = check_replies(self, replies, is_train=True, validate=not self.codec.mixed_ranks)
+        if not valid:
+            return None, None
+        result = self.codec.aggregate(self.codec.clients(valid, self.prior), self.prior, self.server_lr)
+        metrics = self.train_metrics_aggr_fn([r.content for r in valid], self.weighted_by_key)
+        metrics[RESIDUAL] = result.residual
+        return ArrayRecord(result.state), metrics
+
+    def residual(self, replies: Iterable[Message], aggregated: ArrayRecord) -> float:
+        """The residual of an aggregate this strategy did not compute (Flower's own, under central DP)."""
+        clients = self.codec.clients(replies, self.prior)
+        return self.codec.residual(clients, from_record(aggregated), self.prior, self.server_lr)
+
+
+class CentralDpFedAvg(LoraStrategy):
+    """The strategy Flower's central DP wrapper wraps: Flower's own FedAvg aggregation, as its accounting
+    requires (the wrapper checks that ``aggregate_train`` is FedAvg's); its metrics carry no residual, so the
+    coordinator measures it with :meth:`LoraStrategy.residual` on the replies as the nodes sent them."""
+
+    aggregate_train = FedAvg.aggregate_train
+
+
+def build_strategy(
+    cfg: FederationConfig,
+    codec: AdapterCodec,
+    book: NodeBook,
+    frozen: dict[str, torch.Tensor],
+    node_wait: float,
+    control: dict[str, torch.Tensor] | None = None,
+) -> Strategy:
+    """The run's strategy: :class:`LoraStrategy`, or Flower's central DP wrapper around :class:`CentralDpFedAvg`."""
+    # server SGD is the codec's (svd takes it in product space); the other optimizers step after complete()
+    server_lr = cfg.server_lr if cfg.server_optimizer == "sgd" else 1.0
+    settings: dict[str, Any] = {
+        "clients": cfg.clients, "min_clients": cfg.needed_clients(), "node_wait": node_wait, "frozen": frozen,
+        "server_lr": server_lr, "fraction_evaluate": cfg.fraction_evaluate, "scaffold": cfg.scaffold,
+        "control": control,
+    }  # fmt: skip
     if not cfg.central_dp:
-        return codec.strategy(min_clients)
+        return LoraStrategy(codec, book, **settings)
     from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping
-    from flwr.supercore.privacy_accounting import NeighboringRelation, PrivacyConfig, SamplingMethod
 
+    from fedswarm.common.flower_internals import NeighboringRelation, PrivacyConfig, SamplingMethod
     from fedswarm.server.coordinator.central_privacy import OpacusRdpAccountant
 
     accountant = OpacusRdpAccountant(
@@ -37,9 +181,21 @@ def build_strategy(cfg: FederationConfig, codec: AdapterCodec, min_clients: int)
         )
     )
     return DifferentialPrivacyServerSideFixedClipping(
-        codec.strategy(min_clients, central_dp=True),
+        CentralDpFedAvg(codec, book, weighted_by_key=Reply.UNIT_WEIGHT, **settings),
         noise_multiplier=cfg.central_noise,
         clipping_norm=cfg.central_clip,
         num_sampled_clients=cfg.clients,
         accountant=accountant,
     )
+
+
+def inner(strategy: Strategy) -> LoraStrategy:
+    """The :class:`LoraStrategy` of ``strategy``, inside Flower's central DP wrapper or not."""
+    found = getattr(strategy, "strategy", strategy)
+    if not isinstance(found, LoraStrategy):
+        raise TypeError(f"not a fedswarm strategy: {type(strategy).__name__}")
+    return found
+
+
+def _destination(message: Message) -> int:
+    return int(message.metadata.dst_node_id)
