@@ -22,7 +22,7 @@ def main() -> None:
     from fedswarm.common.accounting import calibrate_noise
     from fedswarm.common.config import FederationConfig
     from fedswarm.common.evaluate import constant_answer, evaluate
-    from fedswarm.common.lora import adapter_state, load_adapter_state
+    from fedswarm.common.lora_state import adapter_state, load_adapter_state
     from fedswarm.common.splits import run_records
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -35,7 +35,7 @@ def main() -> None:
     from fedswarm.common.batches import answer_loss, collate, encode, per_sample_answer_loss
     from fedswarm.common.config import DP_LORA_RANK, LORA_RANK
     from fedswarm.common.data import load_examples
-    from fedswarm.common.lora import attach_lora
+    from fedswarm.common.lora_state import attach_lora
     from fedswarm.common.memory import peak_rss_mb
     from fedswarm.common.model import load_model, load_tokenizer
 

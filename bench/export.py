@@ -66,7 +66,7 @@ def train_adapter(run_dir: Path, steps: int) -> Path:
     """A LoRA trained on the sarcasm training split, saved as a federated run would save it."""
     from fedswarm.client.trainer.local_train import train_lora
     from fedswarm.common.data import load_examples
-    from fedswarm.common.lora import adapter_state, attach_lora, save_adapter
+    from fedswarm.common.lora_state import adapter_state, attach_lora, save_adapter
     from fedswarm.common.model import load_model, load_tokenizer
     from fedswarm.common.splits import holdout_split
 

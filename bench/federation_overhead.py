@@ -26,7 +26,7 @@ def plain_loop(model: str, data: str, steps: int, batch_size: int, lr: float, ma
 
     from fedswarm.client.trainer.local_train import train_lora
     from fedswarm.common.data import load_examples
-    from fedswarm.common.lora import attach_lora
+    from fedswarm.common.lora_state import attach_lora
     from fedswarm.common.model import load_model, load_tokenizer
     from fedswarm.common.splits import holdout_split
 

@@ -194,8 +194,8 @@ def compare_tls(args: argparse.Namespace, folder: Path, registry: str, env: dict
     """The same split served with mutual TLS and the token (certificates from `fedswarm certs`) against the
     plaintext servers: median seconds per token of one stream each, interleaved; same tokens."""
     from fedswarm.client.swarm.client import SwarmClient
-    from fedswarm.protos.transport import Security
-    from fedswarm.server.coordinator.tls import issue_certificate, make_certificates
+    from fedswarm.common.security.certificates import issue_certificate, make_certificates
+    from fedswarm.common.security.transport import Security
 
     certs = folder / "certs"
     make_certificates(certs, ["127.0.0.1"])
@@ -287,7 +287,7 @@ def make_adapter(folder: Path, model: str) -> Path:
     """A rank-8 LoRA on every block linear with random, non-zero B (so applying it costs what a trained one does)."""
     import torch
 
-    from fedswarm.common.lora import attach_lora
+    from fedswarm.common.lora_state import attach_lora
     from fedswarm.common.model import load_model
 
     peft_model = attach_lora(load_model(model), rank=8, alpha=16.0, seed=0)
@@ -370,7 +370,7 @@ def start(folder: Path, name: str, args: list[str], env: dict, procs: list) -> s
 
 def wait_listed(registry: str, count: int, security: object = None) -> None:
     from fedswarm.client.swarm.discovery import list_servers
-    from fedswarm.protos.transport import Security
+    from fedswarm.common.security.transport import Security
 
     while len(list_servers([registry], security or Security())) < count:  # type: ignore[arg-type]
         time.sleep(0.2)

@@ -83,7 +83,7 @@ def main() -> None:
     import torch
 
     from fedswarm.common.evaluate import score_examples
-    from fedswarm.common.lora import attach_lora
+    from fedswarm.common.lora_state import attach_lora
     from fedswarm.common.model import load_model, load_tokenizer
     from fedswarm.common.splits import run_records
 

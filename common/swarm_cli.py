@@ -66,7 +66,7 @@ def security_of(args: argparse.Namespace, client: bool = False) -> object:
     A ``client`` may authenticate with the swarm token instead of a certificate (``--tls-ca`` alone).
     """
     from fedswarm.common.errors import FedswarmError
-    from fedswarm.protos.transport import security_from_args
+    from fedswarm.common.security.transport import security_from_args
 
     client_auth = getattr(args, "client_auth", "certificate")
     if client_auth not in ("certificate", "token"):

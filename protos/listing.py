@@ -9,9 +9,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from fedswarm.common.security.transport import Security, open_channel
 from fedswarm.protos import swarm_pb2, swarm_pb2_grpc
 from fedswarm.protos.tensors import PROTOCOL_VERSION
-from fedswarm.protos.transport import Security, open_channel
 
 REGISTRY_TIMEOUT_S = 5.0
 

@@ -69,7 +69,7 @@ def tokenizer():
 
 @pytest.fixture()
 def tiny_lora():
-    from fedswarm.common.lora import attach_lora
+    from fedswarm.common.lora_state import attach_lora
     from fedswarm.common.model import load_model
 
     return attach_lora(load_model("tiny"), rank=4, alpha=8.0, seed=0)

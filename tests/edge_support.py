@@ -22,7 +22,7 @@ def tiny_run(folder: Path, privacy: dict[str, Any] | None = None) -> Path:
     """
     from fedswarm.client.trainer.local_train import train_lora
     from fedswarm.common.data import load_examples
-    from fedswarm.common.lora import adapter_state, attach_lora, save_adapter
+    from fedswarm.common.lora_state import adapter_state, attach_lora, save_adapter
     from fedswarm.common.model import load_model, load_tokenizer
     from fedswarm.common.splits import holdout_split
 

@@ -21,7 +21,7 @@ from fedswarm.common.processes import Supervisor
 def make_adapter(folder: Path, seed: int, rank: int = 4, alpha: float = 8.0, b_seed: int | None = None) -> Path:
     """A PEFT adapter of the tiny model with random A (from ``seed``) and random, non-zero B (from ``b_seed``,
     default ``1000 + seed``)."""
-    from fedswarm.common.lora import attach_lora
+    from fedswarm.common.lora_state import attach_lora
 
     peft_model = attach_lora(load_model("tiny"), rank=rank, alpha=alpha, seed=seed)
     gen = torch.Generator().manual_seed(1000 + seed if b_seed is None else b_seed)

@@ -49,7 +49,7 @@ def test_balanced_training_does_not_learn_the_nodes_label_skew(tiny_lora, tokeni
 
     Plain batches learn to prefer "yes" (the node's 90%); balanced batches see both equally often.
     """
-    from fedswarm.common.lora import adapter_state, load_adapter_state
+    from fedswarm.common.lora_state import adapter_state, load_adapter_state
 
     def asked(label: str, n: int) -> list[Example]:
         return [Example((("user", "is it odd?"),), label, label)] * n

@@ -46,7 +46,7 @@ def test_bad_numbers_are_one_line_nonzero():
 @pytest.mark.processes
 def test_import_common_stays_light():
     code = (
-        "import sys, fedswarm.common.config, fedswarm.common.data, fedswarm.common.model, fedswarm.common.lora;"
+        "import sys, fedswarm.common.config, fedswarm.common.data, fedswarm.common.model, fedswarm.common.lora_state;"
         "heavy = [m for m in ('torch', 'transformers', 'peft', 'opacus', 'onnxruntime', 'optimum', 'flwr', 'ray') "
         "if m in sys.modules]; print(heavy)"
     )

@@ -29,7 +29,7 @@ def node_file(tmp_path):
 
 
 def _train_message(cfg: FederationConfig, packed: bool = True):
-    from fedswarm.common.lora import adapter_state, attach_lora
+    from fedswarm.common.lora_state import adapter_state, attach_lora
     from fedswarm.common.model import load_model
 
     state = adapter_state(attach_lora(load_model(cfg.model), cfg.lora_rank, cfg.lora_alpha, cfg.seed))

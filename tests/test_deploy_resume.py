@@ -15,7 +15,7 @@ from fedswarm.server.coordinator.run_dir import RunDir
 
 def _saved_run(tmp_path, tiny_lora, rounds_done=2, orphan=True):
     """A run folder as the coordinator leaves it, plus (orphan) a checkpoint whose metrics line never came."""
-    from fedswarm.common.lora import adapter_state, save_adapter
+    from fedswarm.common.lora_state import adapter_state, save_adapter
 
     cfg = FederationConfig(model="tiny", clients=3, rounds=5, lora_rank=4, lora_alpha=8.0, out=str(tmp_path / "run"))
     run = RunDir(cfg.out)

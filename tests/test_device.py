@@ -43,7 +43,7 @@ def test_gpu_training_and_dp_step_touch_only_lora(tokenizer):
     from fedswarm.client.trainer.runtime import Shard
     from fedswarm.common.config import FederationConfig
     from fedswarm.common.data import Example
-    from fedswarm.common.lora import attach_lora
+    from fedswarm.common.lora_state import attach_lora
     from fedswarm.common.model import load_model
 
     model = attach_lora(load_model("tiny", device="cuda"), 4, 8.0, 0)

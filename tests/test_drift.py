@@ -11,7 +11,7 @@ from fedswarm.common.config import FederationConfig
 from fedswarm.common.contract import arrays_of
 from fedswarm.common.data import Example
 from fedswarm.common.flower_internals import act_as_node
-from fedswarm.common.lora import adapter_state, load_adapter_state, lora_parameters
+from fedswarm.common.lora_state import adapter_state, load_adapter_state, lora_parameters
 from fedswarm.server.coordinator.controls import CONTROL_KEY, attach_control, pop_mean_control
 from fedswarm.server.coordinator.replies import screen_replies
 

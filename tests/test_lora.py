@@ -3,7 +3,7 @@ import torch
 from fedswarm.client.trainer.local_train import train_lora
 from fedswarm.common.data import Example
 from fedswarm.common.evaluate import evaluate, greedy_answers
-from fedswarm.common.lora import adapter_state, attach_lora, load_adapter_state, save_adapter
+from fedswarm.common.lora_state import adapter_state, attach_lora, load_adapter_state, save_adapter
 from fedswarm.common.model import load_model
 
 

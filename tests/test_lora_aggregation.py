@@ -6,7 +6,7 @@ import torch
 from fedswarm.common.codecs import codec_for
 from fedswarm.common.codecs.product import Client, residual, svd_aggregate, svd_state, weighted_product
 from fedswarm.common.config import FederationConfig
-from fedswarm.common.lora import resize_rank
+from fedswarm.common.lora_state import resize_rank
 
 LAYERS = {"m.l0.q_proj": (24, 16), "m.l1.up_proj": (32, 16)}  # name -> (out, in)
 ALPHA = 16.0

@@ -3,7 +3,7 @@
 import torch
 
 from fedswarm.client.trainer.proximal import ProximalTerm, chain
-from fedswarm.common.lora import lora_parameters
+from fedswarm.common.lora_state import lora_parameters
 
 
 def test_proximal_term_adds_mu_times_the_distance_from_the_rounds_start(tiny_lora):
@@ -28,7 +28,7 @@ def test_proximal_term_pulls_training_back_towards_the_start(tiny_lora, tokenize
     start = {k: p.detach().clone() for k, p in lora_parameters(tiny_lora).items()}
 
     def drift(model, mu: float) -> float:
-        from fedswarm.common.lora import load_adapter_state
+        from fedswarm.common.lora_state import load_adapter_state
 
         load_adapter_state(model, start)
         hook = ProximalTerm(model, mu) if mu else None

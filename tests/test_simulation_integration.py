@@ -94,7 +94,7 @@ def test_simulation_ffa_with_central_dp(labelled_file, tmp_path):
     # ffa alone is exact; here the residual measures the central clipping and noise (large: B starts at 0)
     assert all(0 < r["aggregation_residual"] < float("inf") for r in rows)
     assert 0 < rows[0]["central_epsilon"] < rows[1]["central_epsilon"]
-    from fedswarm.common.lora import adapter_state, attach_lora
+    from fedswarm.common.lora_state import adapter_state, attach_lora
     from fedswarm.common.model import load_model
 
     full = sum(t.numel() * 4 for t in adapter_state(attach_lora(load_model("tiny"), 8, 16.0, 0)).values())
@@ -117,7 +117,7 @@ def test_simulation_ffa_server_lr_steps_exactly(labelled_file, tmp_path):
 def test_simulation_ffa_scaffold_sends_checkpoints_and_resumes_the_control(labelled_file, tmp_path):
     from safetensors.torch import load_file
 
-    from fedswarm.common.lora import adapter_state, attach_lora
+    from fedswarm.common.lora_state import adapter_state, attach_lora
     from fedswarm.common.model import load_model
 
     out = tmp_path / "run"

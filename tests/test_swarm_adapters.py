@@ -15,16 +15,16 @@ import torch
 
 from fedswarm.client.swarm.discovery import AdapterVersion, UnknownAdapterError, choose_version
 from fedswarm.client.swarm.routing import NoRouteError
-from fedswarm.common.adapter_files import adapter_id
+from fedswarm.common.adapter_digest import adapter_id
 from fedswarm.common.errors import FedswarmError
 from fedswarm.common.model import load_model, parse_model
 from fedswarm.protos import swarm_pb2
-from fedswarm.server.swarm.adapters import AdapterStore
+from fedswarm.server.swarm.adapter_store import AdapterStore
 from fedswarm.server.swarm.blocks import load_span
-from fedswarm.server.swarm.lora import load_unmerged
 from fedswarm.server.swarm.options import AdapterSource, parse_adapters
 from fedswarm.server.swarm.registry import RegistryServicer, RegistryTable
 from fedswarm.server.swarm.scheduler import BatchScheduler, SessionState
+from fedswarm.server.swarm.unmerged_lora import load_unmerged
 from tests.swarm_support import make_adapter, roundoff_tol
 
 PROMPTS = [[504, 3575, 282, 4649, 314], [42, 7, 9], [11], [300, 301, 302, 303, 304, 305, 306], [5, 6], [77, 78, 79, 80]]
@@ -400,7 +400,7 @@ def test_default_model_unmerged_and_batched_greedy_tokens_are_identical(tmp_path
     """SmolLM2-135M: an unmerged adapter gives PeftModel's greedy tokens; eight sessions batched give their own."""
     from peft import PeftModel
 
-    from fedswarm.common.lora import attach_lora
+    from fedswarm.common.lora_state import attach_lora
 
     spec = parse_model("smollm2-135m")
     peft_model = attach_lora(load_model(spec), rank=8, alpha=16.0, seed=0)

@@ -21,10 +21,10 @@ from fedswarm.client.swarm.client import SwarmClient
 from fedswarm.client.swarm.discovery import UnknownAdapterError, list_servers
 from fedswarm.client.swarm.head import load_head
 from fedswarm.client.swarm.model import SwarmModel
-from fedswarm.common.adapter_files import adapter_id
+from fedswarm.common.adapter_digest import adapter_id
 from fedswarm.common.model import load_model, parse_model
 from fedswarm.common.processes import free_port
-from fedswarm.protos.transport import Security
+from fedswarm.common.security.transport import Security
 from tests.conftest import assert_no_leftovers
 from tests.swarm_support import FORKSERVER, PROMPT, TOKEN, Procs, local_greedy, make_adapter, noop, roundoff_tol
 

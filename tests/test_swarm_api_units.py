@@ -122,7 +122,7 @@ def test_metrics_live_in_their_own_registry_and_time_tokens():
 
 def test_max_tokens_must_fit_the_context_and_defaults_to_what_is_left():
     from fedswarm.client.swarm.service import Runtime, SwarmService
-    from fedswarm.protos.transport import Security
+    from fedswarm.common.security.transport import Security
 
     service = SwarmService(["127.0.0.1:1"], Security())  # no registry is contacted for this
     runtime = Runtime(head=None, tokenizer=None, eos_ids=frozenset(), context=10)
@@ -143,7 +143,7 @@ def test_applications_authenticate_with_their_own_api_keys():
 
     from fedswarm.client.swarm.api import ApiState, build_app
     from fedswarm.client.swarm.service import SwarmService
-    from fedswarm.protos.transport import Security
+    from fedswarm.common.security.transport import Security
 
     service = SwarmService(["127.0.0.1:1"], Security())  # unreachable: an admitted request gets 503
     with ThreadPoolExecutor(1) as pool:

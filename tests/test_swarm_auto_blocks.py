@@ -15,7 +15,7 @@ import torch
 
 from fedswarm.common.model import load_model, parse_model
 from fedswarm.common.processes import free_port
-from fedswarm.protos.transport import Security
+from fedswarm.common.security.transport import Security
 from tests.conftest import assert_no_leftovers
 from tests.swarm_support import PROMPT, Procs
 

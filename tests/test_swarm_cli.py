@@ -95,7 +95,7 @@ def test_every_swarm_command_needs_tls_or_insecure(argv, capsys):
 @pytest.fixture(scope="module")
 def certs(tmp_path_factory):
     """A CA with a server and a client certificate, and a second CA's server certificate."""
-    from fedswarm.server.coordinator.tls import issue_certificate, make_certificates
+    from fedswarm.common.security.certificates import issue_certificate, make_certificates
 
     root, other = tmp_path_factory.mktemp("ca"), tmp_path_factory.mktemp("other-ca")
     make_certificates(root, ["127.0.0.1"])

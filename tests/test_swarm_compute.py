@@ -11,8 +11,8 @@ from fedswarm.common.errors import FedswarmError
 from fedswarm.common.model import load_model, parse_model
 from fedswarm.protos import swarm_pb2
 from fedswarm.protos.tensors import from_proto, to_proto
-from fedswarm.server.swarm.adapter import adapter_id, merge_adapter
 from fedswarm.server.swarm.blocks import block_bytes, load_span
+from fedswarm.server.swarm.merged_adapter import adapter_id, merge_adapter
 from fedswarm.server.swarm.registry import RegistryTable
 from fedswarm.server.swarm.sessions import SessionLimitError, SessionTable
 from fedswarm.server.swarm.throughput import measure_throughput

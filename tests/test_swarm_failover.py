@@ -13,9 +13,9 @@ from fedswarm.client.swarm.forward import forward_blocks
 from fedswarm.client.swarm.routing import NoRouteError, Peer, plan_route
 from fedswarm.common.errors import FedswarmError
 from fedswarm.common.model import parse_model
+from fedswarm.common.security.transport import Security
 from fedswarm.protos import swarm_pb2
 from fedswarm.protos.tensors import from_proto, to_proto
-from fedswarm.protos.transport import Security
 from fedswarm.server.swarm.blocks import load_span
 from tests.swarm_support import roundoff_tol
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from fedswarm.common.errors import FedswarmError, InputError
+from fedswarm.common.security.identity import Identity, identity_of_pem, normalise_fingerprint
 from fedswarm.protos import swarm_pb2
-from fedswarm.protos.identity import Identity, identity_of_pem, normalise_fingerprint
 from fedswarm.server.swarm.registry import (
     ANNOUNCE_BURST,
     ANNOUNCE_RATE,
@@ -100,7 +100,7 @@ def test_issued_certificates_carry_their_identity(tmp_path):
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes
 
-    from fedswarm.server.coordinator.tls import issue_certificate, make_certificates
+    from fedswarm.common.security.certificates import issue_certificate, make_certificates
 
     make_certificates(tmp_path, ["coord.example.org"])
     server = issue_certificate(tmp_path, "server", "blocks-a", ["10.0.0.5", "Blocks.Example.org"])

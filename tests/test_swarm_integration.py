@@ -29,8 +29,8 @@ from fedswarm.client.swarm.routing import NoRouteError
 from fedswarm.common.errors import FedswarmError
 from fedswarm.common.model import load_model, parse_model
 from fedswarm.common.processes import free_port
+from fedswarm.common.security.transport import Security, open_channel
 from fedswarm.protos import swarm_pb2, swarm_pb2_grpc
-from fedswarm.protos.transport import Security, open_channel
 from tests.conftest import assert_no_leftovers
 from tests.swarm_support import (
     FORKSERVER,
@@ -66,7 +66,7 @@ class Certs:
 
 def _make_certs(folder: Path) -> Certs:
     """The federation's CA and the swarm's certificates, issued as a user would (plus another CA's)."""
-    from fedswarm.server.coordinator.tls import issue_certificate, make_certificates
+    from fedswarm.common.security.certificates import issue_certificate, make_certificates
 
     make_certificates(folder, ["127.0.0.1"])
     make_certificates(folder / "other", ["127.0.0.1"])
@@ -206,7 +206,7 @@ def test_stateless_forward_logits_equal_local(swarm):
 def test_adapter_on_the_servers_equals_local_peft_model(swarm):
     from peft import PeftModel
 
-    from fedswarm.server.swarm.adapter import adapter_id
+    from fedswarm.server.swarm.merged_adapter import adapter_id
 
     reference = PeftModel.from_pretrained(load_model("tiny"), swarm.adapter).eval()
     tokens, logits = local_greedy(reference, NEW_TOKENS)
@@ -340,7 +340,7 @@ def test_client_refuses_a_server_whose_certificate_does_not_match_its_address(sw
     from concurrent import futures
 
     from fedswarm.client.swarm.discovery import list_servers
-    from fedswarm.protos.transport import bind_server
+    from fedswarm.common.security.transport import bind_server
     from fedswarm.server.swarm.registry import RegistryServicer, RegistryTable
 
     addresses = swarm.procs.addresses

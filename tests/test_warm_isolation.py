@@ -40,7 +40,7 @@ def reply_of(name: str, data: str) -> dict[str, torch.Tensor]:
     from fedswarm.common.config import FederationConfig
     from fedswarm.common.contract import arrays_of
     from fedswarm.common.flower_internals import act_as_node
-    from fedswarm.common.lora import adapter_state, attach_lora
+    from fedswarm.common.lora_state import adapter_state, attach_lora
     from fedswarm.common.model import load_model
     from fedswarm.server.coordinator.round_plan import round_config
 

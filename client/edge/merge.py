@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fedswarm.common.adapter_files import ADAPTER_FILES
+from fedswarm.common.adapter_digest import ADAPTER_FILES
 from fedswarm.common.errors import FedswarmError
 from fedswarm.common.model import DEFAULT_MODEL, ModelSpec, parse_model
 

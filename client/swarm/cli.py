@@ -72,7 +72,7 @@ def _connect(args: argparse.Namespace) -> tuple[Any, Any, Any]:
     if args.model:
         args.model = parse_model(args.model).model_id
     if args.adapter:
-        from fedswarm.common.adapter_files import adapter_id, check_adapter_folder
+        from fedswarm.common.adapter_digest import adapter_id, check_adapter_folder
 
         args.adapter_id = adapter_id(check_adapter_folder(args.adapter))
     # the registries first: their errors should not wait for torch to import

@@ -21,8 +21,8 @@ from fedswarm.client.swarm.discovery import (
     serves,
 )
 from fedswarm.client.swarm.routing import DEFAULT_HOP_OVERHEAD_S, Hop, NoRouteError, Peer, plan_route
+from fedswarm.common.security.transport import Security, open_channel
 from fedswarm.protos import swarm_pb2_grpc
-from fedswarm.protos.transport import Security, open_channel
 
 log = logging.getLogger("fedswarm.swarm.client")
 

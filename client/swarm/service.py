@@ -24,8 +24,8 @@ if TYPE_CHECKING:
     from fedswarm.client.swarm.model import SwarmModel
     from fedswarm.client.swarm.sampling import Sampling
     from fedswarm.client.swarm.textgen import TextResult
+    from fedswarm.common.security.transport import Security
     from fedswarm.protos import swarm_pb2
-    from fedswarm.protos.transport import Security
 
 log = logging.getLogger("fedswarm.swarm.service")
 

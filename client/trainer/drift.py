@@ -35,7 +35,7 @@ class DriftCorrection:
     ) -> None:
         import torch
 
-        from fedswarm.common.lora import lora_parameters
+        from fedswarm.common.lora_state import lora_parameters
 
         self.params = {k: p for k, p in lora_parameters(model).items() if p.requires_grad}
         self.sums = {k: torch.zeros_like(p, dtype=torch.float32) for k, p in self.params.items()}

@@ -80,7 +80,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run_node_key(args: argparse.Namespace) -> int:
-    from fedswarm.client.trainer.node_key import make_node_key
+    from fedswarm.common.security.node_key import make_node_key
 
     keys = make_node_key(args.out, args.name)
     print(f"private key (keep on this node): {keys.private}")

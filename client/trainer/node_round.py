@@ -47,7 +47,7 @@ def prepare_adapter(
     ``initial`` is the node's seeded adapter (its frozen A under ffa, the filler rows of a rank
     padding): the rebuild starts from it, not from what the model holds after another message.
     """
-    from fedswarm.common.lora import adapter_state, load_adapter_state
+    from fedswarm.common.lora_state import adapter_state, load_adapter_state
 
     load_adapter_state(model, codec.rebuild(initial if initial is not None else adapter_state(model), received, rank))
     for name, param in model.named_parameters():
@@ -57,7 +57,7 @@ def prepare_adapter(
 
 def outgoing(model: PeftModel, cfg: NodeConfig) -> dict[str, torch.Tensor]:
     """What the node sends back: the tensors its codec trains."""
-    from fedswarm.common.lora import adapter_state
+    from fedswarm.common.lora_state import adapter_state
 
     return codec_for(cfg).reply(adapter_state(model))
 

@@ -24,7 +24,7 @@ class ProximalTerm:
     """
 
     def __init__(self, model: PeftModel, mu: float) -> None:
-        from fedswarm.common.lora import lora_parameters
+        from fedswarm.common.lora_state import lora_parameters
 
         if mu < 0:
             raise ValueError(f"--proximal-mu must be >= 0, got {mu}")

@@ -42,7 +42,7 @@ def lora_model(model: str, rank: int, alpha: float, seed: int, device: str = "cp
     client in the same Ray actor or warm worker): the node rebuilds its adapter from what it
     received and :attr:`Loaded.initial`, never from the weights the last message left.
     """
-    from fedswarm.common.lora import adapter_state, attach_lora
+    from fedswarm.common.lora_state import adapter_state, attach_lora
     from fedswarm.common.model import load_model, load_tokenizer
 
     tokenizer = load_tokenizer(model)

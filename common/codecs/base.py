@@ -110,7 +110,7 @@ class AdapterCodec:
         received adapter of another rank is resized keeping ``s * B @ A``, new rows of A taken
         from ``current`` so the padding can train.
         """
-        from fedswarm.common.lora import lora_rank_of, resize_rank
+        from fedswarm.common.lora_state import lora_rank_of, resize_rank
 
         sent_rank = lora_rank_of(received)
         if sent_rank == rank:
@@ -137,7 +137,7 @@ class AdapterCodec:
     def clients(self, replies: Iterable[Message], prior: State) -> list[Client]:
         """The replies as aggregation inputs, each decoded once: its full adapter (the tensors nodes do not
         train taken from ``prior``), its weight (``num-examples``) and its scale."""
-        from fedswarm.common.lora import lora_rank_of
+        from fedswarm.common.lora_state import lora_rank_of
 
         frozen = {k: v for k, v in prior.items() if not self.trainable(k)}
         out = []

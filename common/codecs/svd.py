@@ -35,7 +35,7 @@ class SvdCodec(AdapterCodec):
 
     def personal(self, state: State, rank: int | None) -> dict[str, torch.Tensor] | None:
         """The global adapter re-expressed at the node's own rank (leading components, same product)."""
-        from fedswarm.common.lora import resize_rank
+        from fedswarm.common.lora_state import resize_rank
 
         if rank is None or rank == self.rank:
             return None

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 from fedswarm.common.config import FederationConfig
 from fedswarm.common.data import Example
 from fedswarm.common.evaluate import EvalResult, constant_answer, evaluate
-from fedswarm.common.lora import adapter_state, attach_lora, load_adapter_state
+from fedswarm.common.lora_state import adapter_state, attach_lora, load_adapter_state
 from fedswarm.common.model import load_model, load_tokenizer
 from fedswarm.common.splits import run_records
 

@@ -277,7 +277,7 @@ def _commit(
     strategy: dict[str, Any], control: dict[str, torch.Tensor] | None = None,
 ) -> None:  # fmt: skip
     """Checkpoint first, metrics line second: a metrics line always has its checkpoint."""
-    from fedswarm.common.lora import save_adapter
+    from fedswarm.common.lora_state import save_adapter
 
     save_adapter(evaluator.model, state, run.checkpoint(round_no))  # replaces the folder: first
     if control is not None:  # SCAFFOLD's c

@@ -84,7 +84,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run_certs(args: argparse.Namespace) -> int:
-    from fedswarm.server.coordinator.tls import issue_certificate, make_certificates
+    from fedswarm.common.security.certificates import issue_certificate, make_certificates
 
     if args.issue is not None:
         if not args.name:
@@ -108,7 +108,7 @@ def run_certs(args: argparse.Namespace) -> int:
 def superlink_command(args: argparse.Namespace, run_dir: Path) -> list[str]:
     """The ``flower-superlink`` command line for these options."""
     from fedswarm.common.processes import flower_tool
-    from fedswarm.server.coordinator.tls import CertPaths
+    from fedswarm.common.security.certificates import CertPaths
 
     cmd = [flower_tool("flower-superlink"), "--host", args.host, "--port", str(args.port)]
     cmd += ["--database", str(run_dir / "superlink.db"), "--disable-runtime-dependency-installation"]

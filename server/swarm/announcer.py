@@ -10,9 +10,9 @@ import logging
 import threading
 from collections.abc import Sequence
 
+from fedswarm.common.security.transport import Security, open_channel
 from fedswarm.protos import swarm_pb2, swarm_pb2_grpc
 from fedswarm.protos.tensors import PROTOCOL_VERSION
-from fedswarm.protos.transport import Security, open_channel
 
 log = logging.getLogger("fedswarm.swarm.announcer")
 

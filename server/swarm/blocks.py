@@ -21,7 +21,7 @@ from fedswarm.common.model import ModelSpec, model_folder
 if TYPE_CHECKING:
     import torch
 
-    from fedswarm.server.swarm.lora import LoraHooks, RowGroup, SpanAdapter
+    from fedswarm.server.swarm.unmerged_lora import LoraHooks, RowGroup, SpanAdapter
 
 log = logging.getLogger("fedswarm.swarm.blocks")
 
@@ -156,7 +156,7 @@ class SpanModel:
         """
         import torch
 
-        from fedswarm.server.swarm.lora import RowGroup
+        from fedswarm.server.swarm.unmerged_lora import RowGroup
 
         device = self.device
         past = cache.length if cache is not None else 0
@@ -189,7 +189,7 @@ class SpanModel:
         """
         import torch
 
-        from fedswarm.server.swarm.lora import RowGroup
+        from fedswarm.server.swarm.unmerged_lora import RowGroup
 
         if len(hiddens) == 1:
             return [self.forward(hiddens[0], start, end, caches[0], adapters[0])]
@@ -249,7 +249,7 @@ class SpanModel:
         if not groups:
             return nullcontext()
         if self.lora is None:
-            from fedswarm.server.swarm.lora import LoraHooks
+            from fedswarm.server.swarm.unmerged_lora import LoraHooks
 
             self.lora = LoraHooks(self.layers)
         return self.lora.applied(groups)

@@ -22,9 +22,9 @@ from fedswarm.server.swarm.sessions import SessionLimitError, SessionTable
 if TYPE_CHECKING:
     import torch
 
-    from fedswarm.server.swarm.adapters import AdapterStore
+    from fedswarm.server.swarm.adapter_store import AdapterStore
     from fedswarm.server.swarm.blocks import SpanModel
-    from fedswarm.server.swarm.lora import SpanAdapter
+    from fedswarm.server.swarm.unmerged_lora import SpanAdapter
 
 log = logging.getLogger("fedswarm.swarm.handler")
 

@@ -59,7 +59,7 @@ def parse_adapters(values: Sequence[str]) -> tuple[Path | None, tuple[AdapterSou
     Named folders may not exist yet (a federation's first round has not written them): the
     server watches them. Validation beyond that needs the weights, so it happens at load.
     """
-    from fedswarm.common.adapter_files import check_adapter_folder
+    from fedswarm.common.adapter_digest import check_adapter_folder
 
     merged: list[Path] = []
     named: dict[str, AdapterSource] = {}

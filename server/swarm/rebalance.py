@@ -20,9 +20,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from fedswarm.common.errors import FedswarmError
+from fedswarm.common.security.transport import Security
 from fedswarm.protos import swarm_pb2
 from fedswarm.protos.listing import list_registries
-from fedswarm.protos.transport import Security
 from fedswarm.server.swarm.placement import Announced, Move, choose_span, should_move
 
 if TYPE_CHECKING:
@@ -113,7 +113,7 @@ def auto_span(
     spec: ModelSpec, merged: Path | None, registries: Sequence[str], security: Security, opts: ServeOptions
 ) -> tuple[int, int]:
     """``fedswarm swarm serve --blocks auto``: validate its options, then choose the span to load."""
-    from fedswarm.common.adapter_files import adapter_id
+    from fedswarm.common.adapter_digest import adapter_id
     from fedswarm.server.swarm.blocks import num_blocks
 
     if opts.num_blocks < 0:

@@ -22,10 +22,10 @@ from pathlib import Path
 from typing import Any
 
 from fedswarm.common.errors import FedswarmError
+from fedswarm.common.security.identity import Identity, normalise_fingerprint, peer_identity
+from fedswarm.common.security.transport import Security, bind_server, server_interceptors
 from fedswarm.protos import swarm_pb2, swarm_pb2_grpc
-from fedswarm.protos.identity import Identity, normalise_fingerprint, peer_identity
 from fedswarm.protos.tensors import PROTOCOL_VERSION
-from fedswarm.protos.transport import Security, bind_server, server_interceptors
 
 log = logging.getLogger("fedswarm.swarm.registry")
 

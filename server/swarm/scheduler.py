@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     import torch
 
     from fedswarm.server.swarm.blocks import SpanCache, SpanModel
-    from fedswarm.server.swarm.lora import SpanAdapter
+    from fedswarm.server.swarm.unmerged_lora import SpanAdapter
 
 log = logging.getLogger("fedswarm.swarm.scheduler")
 

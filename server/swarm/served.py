@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from fedswarm.protos import swarm_pb2
-    from fedswarm.server.swarm.adapters import AdapterStore
+    from fedswarm.server.swarm.adapter_store import AdapterStore
     from fedswarm.server.swarm.blocks import SpanModel
     from fedswarm.server.swarm.scheduler import BatchScheduler
 

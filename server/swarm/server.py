@@ -14,8 +14,8 @@ from concurrent import futures
 from typing import TYPE_CHECKING, Any
 
 from fedswarm.common.memory import peak_rss_mb
+from fedswarm.common.security.transport import Security, bind_server, server_interceptors
 from fedswarm.protos import swarm_pb2, swarm_pb2_grpc
-from fedswarm.protos.transport import Security, bind_server, server_interceptors
 from fedswarm.server.swarm.options import ServeConfig
 
 if TYPE_CHECKING:
@@ -125,9 +125,9 @@ def _load(
 ) -> tuple[str, ServedSpan]:
     """Blocks ``start:end`` ready to serve (merged adapter, unmerged ones, compute thread); returns the merged
     adapter's id too. ``strict`` (at start-up) fails in one line on a bad adapter folder; else it is logged."""
-    from fedswarm.server.swarm.adapter import merge_adapter
-    from fedswarm.server.swarm.adapters import AdapterStore
+    from fedswarm.server.swarm.adapter_store import AdapterStore
     from fedswarm.server.swarm.blocks import load_span
+    from fedswarm.server.swarm.merged_adapter import merge_adapter
     from fedswarm.server.swarm.scheduler import BatchScheduler
     from fedswarm.server.swarm.served import ServedSpan
 

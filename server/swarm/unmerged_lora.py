@@ -16,7 +16,7 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fedswarm.common.adapter_files import ADAPTER_FILES, digest_of
+from fedswarm.common.adapter_digest import ADAPTER_FILES, digest_of
 
 if TYPE_CHECKING:
     import torch
@@ -30,7 +30,7 @@ class SpanAdapter:
     so a session that holds it keeps computing with it after the server loads a newer one."""
 
     name: str
-    digest: str  # :func:`fedswarm.common.adapter_files.adapter_id` of the files it was read from
+    digest: str  # :func:`fedswarm.common.adapter_digest.adapter_id` of the files it was read from
     scale: float  # lora_alpha / r (or / sqrt(r) with rsLoRA)
     weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]  # (local layer, module) -> (A, B)
 
@@ -48,7 +48,7 @@ def load_unmerged(span: SpanModel, name: str, folder: Path) -> SpanAdapter:
     """Read ``folder`` once (digest and tensors from the same bytes) and keep its span's pairs on the span's device."""
     from safetensors.torch import load as load_bytes
 
-    from fedswarm.server.swarm.adapter import parse_lora
+    from fedswarm.server.swarm.merged_adapter import parse_lora
 
     contents = [(folder / file).read_bytes() for file in ADAPTER_FILES]
     config = json.loads(contents[0].decode("utf-8"))

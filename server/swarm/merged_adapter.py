@@ -2,7 +2,7 @@
 
 A server reads only the adapter tensors of the blocks it hosts. Merged (``--adapter DIR``),
 the blocks then cost nothing extra per token; unmerged (``--adapter NAME=DIR``, see
-``server/swarm/lora.py``) many adapters share one copy of the base. Either way the adapter's
+``server/swarm/unmerged_lora.py``) many adapters share one copy of the base. Either way the adapter's
 id (a digest of its files) is announced, so clients never route one generation through
 differently adapted blocks.
 """
@@ -15,7 +15,7 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fedswarm.common.adapter_files import adapter_id
+from fedswarm.common.adapter_digest import adapter_id
 from fedswarm.common.errors import FedswarmError
 
 if TYPE_CHECKING:

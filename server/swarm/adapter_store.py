@@ -17,13 +17,13 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from fedswarm.common.adapter_files import ADAPTER_FILES
+from fedswarm.common.adapter_digest import ADAPTER_FILES
 from fedswarm.server.swarm.options import ADAPTER_NAME, AdapterSource
 
 if TYPE_CHECKING:
     from fedswarm.protos import swarm_pb2
     from fedswarm.server.swarm.blocks import SpanModel
-    from fedswarm.server.swarm.lora import SpanAdapter
+    from fedswarm.server.swarm.unmerged_lora import SpanAdapter
 
 log = logging.getLogger("fedswarm.swarm.adapters")
 
@@ -63,7 +63,7 @@ class AdapterStore:
         a wrong flag fails at once; later a bad version is logged and the old one kept.
         """
         from fedswarm.common.errors import FedswarmError
-        from fedswarm.server.swarm.lora import load_unmerged
+        from fedswarm.server.swarm.unmerged_lora import load_unmerged
 
         changed = False
         named = {source.name for source in self.sources}
