@@ -101,12 +101,12 @@ class Deployment:
         path = self.runs / out / "metrics.jsonl"
         return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
 
-    def slowest_client_round(self) -> float | None:
-        """The longest a node took for a round's training in this deployment's runs so far (None: no run yet)."""
+    def slowest_round(self) -> float | None:
+        """The longest a round of this deployment's runs so far took, sending to replies (None: no run yet)."""
         seconds = [
-            float(client["seconds"])
+            float(row["seconds"])
             for path in self.runs.glob("*/metrics.jsonl")
             for row in (json.loads(x) for x in path.read_text().splitlines() if x)
-            for client in row.get("per_client", [])
+            if row.get("round", 0) > 0
         ]
         return max(seconds, default=None)
