@@ -221,7 +221,17 @@ class CoordinatorSettings:
     central_noise: float = option(1.0, "central DP noise multiplier")
     central_clip: float = option(1.0, "central DP clipping norm of each client's update")
     fraction_evaluate: float = option(0.0, "share of nodes running federated evaluation each round")
-    min_clients: int = option(0, "replies a round needs to go on (0: all of --clients); others may drop out")
+    clients_per_round: int = option(
+        0, "nodes sampled to train each round (0: every node), drawn with --seed: the same after --resume"
+    )
+    over_select: float = option(
+        1.0,
+        "with --clients-per-round K: send to ceil(K x this) nodes and close the round on the first K good "
+        "replies; later ones are counted (late) and dropped",
+    )
+    min_clients: int = option(
+        0, "replies a round needs to go on (0: all of --clients, or --clients-per-round); others may drop out"
+    )
     round_timeout: float = option(3600.0, "seconds a round waits for replies; late nodes count as failures")
     max_update_norm: float = option(0.0, "reject an update farther than this (L2) from the sent adapter (0: off)")
     resume: str = option("", "continue the run in this folder from its last completed round's checkpoint")
@@ -252,16 +262,39 @@ class CoordinatorSettings:
             raise InputError(f"--eval-every must be >= 0, got {self.eval_every}")
         if not 0.0 <= self.fraction_evaluate <= 1.0:
             raise InputError(f"--fraction-evaluate must be within [0, 1], got {self.fraction_evaluate}")
-        if not 0 <= self.min_clients <= self.clients:
-            raise InputError(f"--min-clients must be within [0, --clients={self.clients}], got {self.min_clients}")
+        if not 0 <= self.clients_per_round <= self.clients:
+            raise InputError(
+                f"--clients-per-round must be within [0, --clients={self.clients}], got {self.clients_per_round}"
+            )
+        if self.over_select < 1.0:
+            raise InputError(f"--over-select must be >= 1, got {self.over_select}")
+        if self.over_select > 1.0 and not self.clients_per_round:
+            raise InputError("--over-select needs --clients-per-round (the replies a round closes on)")
+        if not 0 <= self.min_clients <= (self.clients_per_round or self.clients):
+            most = (
+                f"--clients-per-round={self.clients_per_round}"
+                if self.clients_per_round
+                else f"--clients={self.clients}"
+            )
+            raise InputError(f"--min-clients must be within [0, {most}], got {self.min_clients}")
         if self.round_timeout <= 0 or self.max_update_norm < 0:
             raise InputError("--round-timeout must be > 0 and --max-update-norm >= 0")
         if self.central_clip <= 0:
             raise InputError(f"--central-clip must be > 0, got {self.central_clip}")
 
     def needed_clients(self) -> int:
-        """Replies a round needs: ``--min-clients``, or every one of ``--clients`` when it is 0."""
-        return self.min_clients or self.clients
+        """Replies a round needs: ``--min-clients``, or (when it is 0) every node sampled: ``--clients-per-round``,
+        else ``--clients``."""
+        return self.min_clients or self.clients_per_round or self.clients
+
+    def sampled_per_round(self) -> int:
+        """Nodes a round's training is sent to: ``ceil(K x --over-select)`` of ``--clients-per-round`` K (at most
+        ``--clients``), or every node."""
+        import math
+
+        if not self.clients_per_round:
+            return self.clients
+        return min(self.clients, math.ceil(self.clients_per_round * self.over_select - 1e-9))
 
 
 @dataclass

@@ -45,4 +45,4 @@ def fit_to_simulation(cfg: FederationConfig, nodes: int) -> FederationConfig:
             f"set its size with `flwr federation simulation-config ... --num-supernodes {cfg.clients}`"
         )
     log.warning("note: %d nodes connected, training on %d of the configured %d clients", nodes, nodes, cfg.clients)
-    return replace(cfg, clients=nodes)
+    return replace(cfg, clients=nodes, clients_per_round=min(cfg.clients_per_round, nodes))

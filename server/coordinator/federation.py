@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import asdict, replace
 from typing import TYPE_CHECKING, Any
 
@@ -18,7 +19,7 @@ from fedswarm.common.contract import NODE_INFO_KEY, Reply, arrays_of, flag, from
 from fedswarm.common.errors import FedswarmError
 from fedswarm.common.stop import check_stop
 from fedswarm.server.coordinator.central_eval import CentralEvaluator
-from fedswarm.server.coordinator.replies import Screened, screen_replies
+from fedswarm.server.coordinator.replies import Screened, reply_problem, screen_replies
 from fedswarm.server.coordinator.resume import Resumed, load_resume, restore_strategy, strategy_state
 from fedswarm.server.coordinator.round_plan import NodeBook, learn_from, privacy_row, round_config
 from fedswarm.server.coordinator.rounds import Collected, send_and_collect
@@ -66,7 +67,15 @@ def run_federation(grid: Grid, cfg: FederationConfig, simulated: bool = False) -
         messages = list(strategy.configure_train(round_no, arrays, config, grid))  # waits, samples, personalises
         log.info("round %d/%d: training on %d clients", round_no, cfg.rounds, len(messages))
         sent = {int(m.metadata.dst_node_id): arrays_of(m.content) for m in messages}
-        collected = send_and_collect(grid, messages, cfg.round_timeout, _progress(round_no))
+        enough = cfg.clients_per_round if cfg.over_select > 1 else 0  # over-selected: close on the first K good
+        collected = send_and_collect(
+            grid,
+            messages,
+            cfg.round_timeout,
+            _progress(round_no),
+            enough,
+            _trains(cfg, codec, sent) if enough else None,
+        )
         screened = screen_replies(collected.replies, cfg, sent, round_no, codec)
         _require_quorum(round_no, cfg, collected, screened)
         trained, declined = learn_from(screened.accepted, book)
@@ -98,6 +107,7 @@ def run_federation(grid: Grid, cfg: FederationConfig, simulated: bool = False) -
         row.update(train_seconds=train_seconds, aggregation_residual=residual, **privacy, **fed_eval)
         row.update(_central_privacy(strategy, cfg))
         row.update(rejected=len(screened.rejected), rejected_why=screened.rejected, failed_why=collected.failures)
+        row.update(sampled=sorted(sent), late=collected.late)
         _commit(run, evaluator, state, round_no, row, cfg, book, strategy_state(strategy), control)
         if optimizer.stateful:
             run.write_control(round_no, optimizer.state_dict(), SERVER_OPTIMIZER_FILE)
@@ -183,6 +193,18 @@ def _require_quorum(round_no: int, cfg: FederationConfig, collected: Collected, 
             f"{len(collected.failures)} failed, {len(screened.rejected)} rejected: "
             + "; ".join(collected.failures + screened.rejected)
         )
+
+
+def _trains(cfg: FederationConfig, codec: AdapterCodec, sent: dict[int, dict]) -> Callable[[Message], bool]:
+    """Whether a reply counts towards an over-selected round's K: it passes screening and trained (not declined)."""
+
+    def good(reply: Message) -> bool:
+        node = int(reply.metadata.src_node_id)
+        if reply_problem(reply, cfg, codec, sent.get(node)) is not None:
+            return False
+        return not flag(reply.content["metrics"], Reply.DECLINED)
+
+    return good
 
 
 def _progress(round_no: int) -> Any:

@@ -23,6 +23,7 @@ class Collected:
     failures: list[str] = field(default_factory=list)  # why each failed node failed
     bytes_down: int = 0
     bytes_up: int = 0
+    late: int = 0  # messages still unanswered when the round closed on enough good replies (dropped)
 
 
 def content_bytes(msg: Message) -> int:
@@ -50,17 +51,23 @@ def send_and_collect(
     messages: Iterable[Message],
     timeout: float,
     on_reply: Callable[[Message, int, int], None] | None = None,
+    enough: int = 0,
+    good: Callable[[Message], bool] | None = None,
 ) -> Collected:
-    """Push ``messages`` and pull replies until all arrive or ``timeout`` seconds pass.
+    """Push ``messages`` and pull replies until all arrive, ``enough`` good ones have (``good``: which
+    reply counts; 0: wait for all), or ``timeout`` seconds pass.
 
-    Nodes that reply with an error or do not reply in time are counted as failures;
-    the round goes on with the replies that arrived.
+    Nodes that reply with an error or do not reply in time are counted as failures; when the round
+    closes on ``enough`` good replies, the messages still unanswered are counted as ``late`` and their
+    replies are never pulled (a later round asks only for its own). The round goes on with the replies
+    that arrived.
     """
     messages = list(messages)
     out = Collected(bytes_down=sum(content_bytes(m) for m in messages))
     pending = set(grid.push_messages(messages))
     total = len(pending)
     deadline = time.monotonic() + timeout
+    counted = 0
     while pending and time.monotonic() < deadline:
         check_stop()
         for reply in grid.pull_messages(list(pending)):
@@ -70,8 +77,14 @@ def send_and_collect(
             else:
                 out.bytes_up += content_bytes(reply)
                 out.replies.append(reply)
+                counted += int(good is None or good(reply))
             if on_reply is not None:
                 on_reply(reply, total - len(pending), total)
+            if enough and counted >= enough:
+                break
+        if enough and counted >= enough:
+            out.late = len(pending)
+            return out
         if pending:
             time.sleep(POLL_SECONDS)
     out.failures.extend(f"message {mid}: no reply within {timeout:.0f} s" for mid in pending)

@@ -6,9 +6,13 @@ The coordinator drives Flower's Strategy contract round by round (``federation.p
 FedOpt strategies keep their state:
 
 - ``configure_train`` waits once for the nodes (everyone at the run's start, ``--min-clients``
-  later, with a deadline and a clear error), lets FedAvg sample them, then personalises each
-  message: the node's DP accountant history, its own adapter where the codec says so (svd:
-  the node's rank) and SCAFFOLD's ``c``.
+  later, with a deadline and a clear error), samples the round's nodes (``--clients-per-round``
+  K, over-selected ``--over-select`` times, drawn from the connected node ids with a generator
+  seeded by ``--seed`` and the round: the same draw after ``--resume``; every node without K:
+  Flower's FedAvg samples with the unseeded global ``random``, so fedswarm draws itself), then
+  personalises each message: the node's DP accountant history, its own adapter where the codec
+  says so (svd: the node's rank) and SCAFFOLD's ``c``. A node sitting a round out keeps its own
+  state (its ``c_i``, DP accountant, warm model) in Flower's node context.
 - ``aggregate_train`` turns each reply into an aggregation input once (``codec.clients``),
   aggregates with the codec's rule and reports the aggregate's residual in its metrics
   (``aggregation-residual``); under ``--scaffold`` it first takes each node's ``c_i`` out of
@@ -24,11 +28,12 @@ adapter, ``c``, the node book) lives here and in the coordinator, and is checkpo
 
 from __future__ import annotations
 
+import random
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Strategy
 
@@ -64,6 +69,8 @@ class LoraStrategy(FedAvg):
         fraction_evaluate: float = 0.0,
         scaffold: bool = False,
         control: dict[str, torch.Tensor] | None = None,
+        sample_size: int = 0,
+        seed: int = 0,
         weighted_by_key: str = Reply.NUM_EXAMPLES,
     ) -> None:
         super().__init__(
@@ -81,18 +88,31 @@ class LoraStrategy(FedAvg):
         self.scaffold = scaffold
         self.control = control  # SCAFFOLD's c: None until the first --scaffold round's replies
         self.prior: dict[str, torch.Tensor] = {}  # the adapter this round's nodes start from
+        self.sample_size = sample_size  # nodes a round's training goes to (0: every connected node)
+        self.seed = seed
         self.started = False
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """One wait for the nodes, FedAvg's sampling, then each node's own message (sorted by node id)."""
-        self.wait_for_nodes(grid)
+        """One wait for the nodes, the round's seeded sample, then each node's own message (sorted by node id)."""
+        chosen = self.sample(self.wait_for_nodes(grid), server_round)
         self.prior = {**self.frozen, **from_record(arrays)}
-        messages = sorted(super().configure_train(server_round, arrays, config, grid), key=_destination)
+        config["server-round"] = server_round  # as FedAvg's configure_train
+        record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
+        messages = [Message(content=record, message_type=MessageType.TRAIN, dst_node_id=n) for n in chosen]
         messages = personalise(messages, self.codec, self.prior, self.book)
         attach_control(messages, self.control)  # None unless --scaffold, and before round 1's c
         return messages
+
+    def sample(self, node_ids: Sequence[int], server_round: int) -> list[int]:
+        """The nodes round ``server_round`` trains, sorted: ``sample_size`` of ``node_ids`` drawn with a generator
+        seeded by the run's seed and the round (every node when ``sample_size`` is 0 or not below their number)."""
+        ordered = sorted(int(n) for n in node_ids)
+        if not self.sample_size or self.sample_size >= len(ordered):
+            return ordered
+        draw = random.Random(f"fedswarm-sample:{self.seed}:{server_round}")  # str seeds hash alike everywhere
+        return sorted(draw.sample(ordered, self.sample_size))
 
     def wait_for_nodes(self, grid: Grid) -> list[int]:
         """Connected node ids once all ``clients`` are online (at the run's start) or ``min_clients`` (later);
@@ -163,7 +183,7 @@ def build_strategy(
     settings: dict[str, Any] = {
         "clients": cfg.clients, "min_clients": cfg.needed_clients(), "node_wait": node_wait, "frozen": frozen,
         "server_lr": server_lr, "fraction_evaluate": cfg.fraction_evaluate, "scaffold": cfg.scaffold,
-        "control": control,
+        "control": control, "sample_size": cfg.sampled_per_round() if cfg.clients_per_round else 0, "seed": cfg.seed,
     }  # fmt: skip
     if not cfg.central_dp:
         return LoraStrategy(codec, book, **settings)
@@ -184,7 +204,7 @@ def build_strategy(
         CentralDpFedAvg(codec, book, weighted_by_key=Reply.UNIT_WEIGHT, **settings),
         noise_multiplier=cfg.central_noise,
         clipping_norm=cfg.central_clip,
-        num_sampled_clients=cfg.clients,
+        num_sampled_clients=cfg.clients_per_round or cfg.clients,  # the noise is sigma C / this
         accountant=accountant,
     )
 
@@ -195,7 +215,3 @@ def inner(strategy: Strategy) -> LoraStrategy:
     if not isinstance(found, LoraStrategy):
         raise TypeError(f"not a fedswarm strategy: {type(strategy).__name__}")
     return found
-
-
-def _destination(message: Message) -> int:
-    return int(message.metadata.dst_node_id)
