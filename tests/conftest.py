@@ -13,19 +13,20 @@ if TYPE_CHECKING:
     from fedswarm.common.processes import Supervisor
 
 
-FAST_LANE_SKIPS = ("integration", "processes")  # marks the fast lane (--fast) leaves out
+FAST_LANE_SKIPS = ("integration", "processes", "slow")  # marks the fast lane (--fast) leaves out
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption(
         "--fast",
         action="store_true",
-        help="the fast lane: no test marked integration or processes, and any subprocess a test starts fails it",
+        help="the fast lane: no test marked integration, processes or slow; a subprocess a test starts fails it",
     )
 
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "processes: starts subprocesses (outside the --fast lane)")
+    config.addinivalue_line("markers", "slow: trains or calibrates for tens of seconds (outside the --fast lane)")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -43,6 +43,7 @@ def test_balance_needs_labels():
     FederationConfig(balance_labels=True, dp=True, epsilon=8.0)  # with DP: per-label Poisson rates (test_privacy)
 
 
+@pytest.mark.slow
 def test_balanced_training_does_not_learn_the_nodes_label_skew(tiny_lora, tokenizer):
     """A node's round (``train_round``, as the ClientApp runs it) on one question, answered "yes" 36
     times and "no" 4 times: all a model can learn is the label mix.

@@ -49,6 +49,7 @@ def _one_step(model, tokenizer, examples, micro_batch: int, sizes: list[int]) ->
     return grads, [p.detach().clone() for p in params]
 
 
+@pytest.mark.slow
 def test_micro_batches_take_the_same_step_as_one_big_batch(tiny_lora_f64, tokenizer):
     model = tiny_lora_f64
     examples = _examples(10)
@@ -71,6 +72,7 @@ def test_micro_batches_take_the_same_step_as_one_big_batch(tiny_lora_f64, tokeni
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-15)
 
 
+@pytest.mark.slow
 def test_sgd_step_is_the_learning_rate_times_the_noised_gradient(tiny_lora_f64, tokenizer):
     params = [p for p in tiny_lora_f64.parameters() if p.requires_grad]
     start = [p.detach().clone() for p in params]
@@ -84,6 +86,7 @@ def _cfg(**kw) -> FederationConfig:
     return privacy_cfg(**{"dp_batch_size": 12, **kw})
 
 
+@pytest.mark.slow
 def test_accountant_counts_one_step_per_private_batch(tiny_lora, tokenizer):
     from opacus.accountants import RDPAccountant
 
@@ -97,6 +100,7 @@ def test_accountant_counts_one_step_per_private_batch(tiny_lora, tokenizer):
     assert out.metrics["expected-batch"] == pytest.approx(12.0)
 
 
+@pytest.mark.slow
 def test_prv_calibration_reaches_the_target_with_less_noise_than_rdp(tiny_lora, tokenizer):
     from opacus.accountants import PRVAccountant
 
@@ -127,6 +131,7 @@ def test_balanced_rates_balance_labels_in_expectation_under_a_cap():
     assert sample_rates(skewed, 8).tolist() == [0.08] * 100
 
 
+@pytest.mark.slow
 def test_balanced_dp_is_accounted_at_the_largest_rate(tiny_lora, tokenizer):
     shard = Shard(_examples(40, yes_every=4), [], 0)
     out = train_round(tiny_lora, tokenizer, shard, _cfg(dp_batch_size=8, balance_labels=True), 1, None)

@@ -53,6 +53,7 @@ def test_gptq_refuses_columns_that_do_not_divide_into_blocks():
         gptq_linear(torch.zeros(4, 48), torch.eye(48), 4, 32)
 
 
+@pytest.mark.slow
 def test_gptq_codes_run_in_onnxruntime_as_the_dequantised_torch_model(tmp_path):
     """Every linear layer of the tiny model: GPTQ codes -> MatMulNBits; ORT logits == torch with those weights."""
     import onnx

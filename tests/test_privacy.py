@@ -58,6 +58,7 @@ def test_node_past_budget_declines(tiny_lora, tokenizer):
     assert second.privacy_history == first.privacy_history  # declining spends nothing
 
 
+@pytest.mark.slow
 def test_noise_calibrated_from_target_epsilon(tiny_lora, tokenizer):
     cfg = _cfg(noise_multiplier=0.0, epsilon=8.0, rounds=2)
     shard = Shard(_examples(40), [], 0)

