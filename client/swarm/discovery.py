@@ -14,9 +14,9 @@ from dataclasses import dataclass
 
 from fedswarm.client.swarm.routing import NoRouteError, Peer, missing_blocks
 from fedswarm.common.errors import FedswarmError
+from fedswarm.common.registry_listing import list_registries
 from fedswarm.common.security.transport import Security
 from fedswarm.protos import swarm_pb2
-from fedswarm.protos.listing import list_registries
 
 log = logging.getLogger("fedswarm.swarm.discovery")
 

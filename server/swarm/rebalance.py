@@ -20,9 +20,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from fedswarm.common.errors import FedswarmError
+from fedswarm.common.registry_listing import list_registries
 from fedswarm.common.security.transport import Security
 from fedswarm.protos import swarm_pb2
-from fedswarm.protos.listing import list_registries
 from fedswarm.server.swarm.placement import Announced, Move, choose_span, should_move
 
 if TYPE_CHECKING:
