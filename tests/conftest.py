@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 if TYPE_CHECKING:
+    from fedswarm.common.config import FederationConfig
     from fedswarm.common.processes import Supervisor
 
 
@@ -135,3 +136,14 @@ def supervisor() -> Iterator[Supervisor]:
     finally:
         sup.stop_all()
     assert_no_leftovers(sup)
+
+
+def dp_config(**changes: object) -> FederationConfig:
+    """A small local-DP run of the tiny model (RDP, a fixed noise seed), the DP tests' common ground."""
+    from fedswarm.common.config import FederationConfig
+
+    base = dict(
+        model="tiny", dp=True, noise_multiplier=1.1, local_steps=3, batch_size=4, dp_batch_size=4, max_seq_len=48,
+        dp_seed=7, accountant="rdp",
+    )  # fmt: skip
+    return FederationConfig(**{**base, **changes})  # type: ignore[arg-type]

@@ -21,7 +21,7 @@ from fedswarm.client.trainer.privacy import (
 from fedswarm.client.trainer.runtime import Shard
 from fedswarm.common.config import FederationConfig
 from fedswarm.common.data import Example
-from tests.test_privacy import _cfg as privacy_cfg
+from tests.conftest import dp_config
 
 
 def _examples(n: int, yes_every: int = 2) -> list[Example]:
@@ -83,7 +83,7 @@ def test_sgd_step_is_the_learning_rate_times_the_noised_gradient(tiny_lora_f64, 
 
 def _cfg(**kw) -> FederationConfig:
     """test_privacy's tiny DP settings with a private batch of 12 (3 micro-batches of 4)."""
-    return privacy_cfg(**{"dp_batch_size": 12, **kw})
+    return dp_config(**{"dp_batch_size": 12, **kw})
 
 
 @pytest.mark.slow

@@ -9,26 +9,18 @@ from fedswarm.client.trainer.node_round import train_round
 from fedswarm.client.trainer.privacy import Accountant, DpSettings, _check_updated, dp_components, noise_generator
 from fedswarm.client.trainer.runtime import Shard
 from fedswarm.common.batches import collate, encode, per_sample_answer_loss
-from fedswarm.common.config import FederationConfig
 from fedswarm.common.data import Example
+from tests.conftest import dp_config
 
 
 def _examples(n: int) -> list[Example]:
     return [Example((("user", f"item number {i} " * (1 + i % 3)),), "yes" if i % 2 else "no", None) for i in range(n)]
 
 
-def _cfg(**kw) -> FederationConfig:
-    base = dict(
-        model="tiny", dp=True, noise_multiplier=1.1, local_steps=3, batch_size=4, dp_batch_size=4, max_seq_len=48,
-        dp_seed=7, accountant="rdp",
-    )  # fmt: skip
-    return FederationConfig(**{**base, **kw})
-
-
 def test_epsilon_accumulates_like_opacus_rdp(tiny_lora, tokenizer):
     from opacus.accountants import RDPAccountant
 
-    cfg = _cfg()
+    cfg = dp_config()
     shard = Shard(_examples(40), [], 0)
     history, eps = None, []
     for rnd in (1, 2, 3):  # the node state carries the history between rounds
@@ -48,7 +40,7 @@ def test_node_past_budget_declines(tiny_lora, tokenizer):
     shard = Shard(_examples(40), [], 0)
     q = 4 / 40
     budget = Accountant([(1.1, q, 3)]).epsilon(1e-5) * 1.01  # one round fits, two do not
-    cfg = _cfg(epsilon=budget)
+    cfg = dp_config(epsilon=budget)
     first = train_round(tiny_lora, tokenizer, shard, cfg, 1, None)
     assert first.state is not None and first.metrics["epsilon"] <= budget
     second = train_round(tiny_lora, tokenizer, shard, cfg, 2, first.privacy_history)
@@ -60,7 +52,7 @@ def test_node_past_budget_declines(tiny_lora, tokenizer):
 
 @pytest.mark.slow
 def test_noise_calibrated_from_target_epsilon(tiny_lora, tokenizer):
-    cfg = _cfg(noise_multiplier=0.0, epsilon=8.0, rounds=2)
+    cfg = dp_config(noise_multiplier=0.0, epsilon=8.0, rounds=2)
     shard = Shard(_examples(40), [], 0)
     history = None
     for rnd in (1, 2):
