@@ -154,6 +154,10 @@ def test_model_card_states_privacy_or_its_absence(tmp_path):
     card = model_card("tiny", RunInfo(adapter, {"config": {}, "privacy": {"local": local}}), parity)
     assert "ε = 7.9" in card and "accountant prv" in card
     assert "| 7 | prv | (0.5, 0.01, 24) | 1 | 1e-05 | 7.9 |" in card
+    named = {**figures, "history": [{"noise_multiplier": 0.5, "sample_rate": 0.01, "steps": 24}]}
+    local = {**local, "nodes": {"7": named}}
+    card = model_card("tiny", RunInfo(adapter, {"config": {}, "privacy": {"local": local}}), parity)
+    assert "| 7 | prv | (0.5, 0.01, 24) | 1 | 1e-05 | 7.9 |" in card  # the named form reads the same
 
 
 def test_scales_stored_as_float16_give_the_same_logits_and_restore_exactly():

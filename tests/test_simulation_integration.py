@@ -81,7 +81,8 @@ def test_simulation_svd_mixed_ranks_with_local_dp(labelled_file, tmp_path):
     for figures in nodes.values():
         assert figures["steps"] == 6 and figures["max_grad_norm"] == 1.0 and figures["delta"] == 1e-5
         independent = PRVAccountant()
-        independent.history = [tuple(h) for h in figures["history"]]
+        assert all(set(h) == {"noise_multiplier", "sample_rate", "steps"} for h in figures["history"])
+        independent.history = [(h["noise_multiplier"], h["sample_rate"], h["steps"]) for h in figures["history"]]
         assert figures["epsilon"] == pytest.approx(independent.get_epsilon(1e-5, eps_error=0.01), rel=1e-9)
     assert max(f["epsilon"] for f in nodes.values()) == pytest.approx(rows[1]["epsilon_max"], abs=0.02)
 

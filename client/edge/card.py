@@ -104,12 +104,21 @@ def _privacy(run: RunInfo) -> str:
         "|---|---|---|---:|---:|---:|",
     ]
     for node, f in nodes.items():
-        history = "; ".join(f"({_num(s)}, {_num(q)}, {int(n)})" for s, q, n in f.get("history", []))
+        history = "; ".join(f"({_num(s)}, {_num(q)}, {int(n)})" for s, q, n in map(_composition, f.get("history", [])))
         rows.append(
             f"| {node} | {f.get('accountant', '?')} | {history} | {_num(f.get('max_grad_norm'))} "
             f"| {_num(f.get('delta'))} | {_num(f.get('epsilon'))} |"
         )
     return text + "\n".join(rows)
+
+
+def _composition(entry: Any) -> tuple[float, float, int]:
+    """(sigma, q, steps) of a history entry: named (``noise_multiplier``, ``sample_rate``, ``steps``) or, from runs
+    written before the fields were named, a plain list in that order."""
+    if isinstance(entry, dict):
+        return float(entry["noise_multiplier"]), float(entry["sample_rate"]), int(entry["steps"])
+    sigma, q, steps = entry
+    return float(sigma), float(q), int(steps)
 
 
 def _parity_table(parity: Parity) -> list[str]:

@@ -346,23 +346,23 @@ def _summary(cfg: FederationConfig, rows: list[dict[str, Any]], seconds: float, 
 def node_guarantees(cfg: FederationConfig, book: NodeBook) -> dict[str, dict[str, Any]]:
     """Per node, every figure its epsilon follows from: a reader can recompute it with any accountant.
 
-    ``history`` lists the node's (noise multiplier, sample rate, steps) compositions: Poisson
-    sampling at that rate (per-label rates under --balance-labels are at most it), each step's
-    clipped sum (L2 bound ``max_grad_norm`` per example) plus Gaussian noise of std
-    noise multiplier x bound.
+    ``history`` lists the node's compositions, each named: ``noise_multiplier`` σ, ``sample_rate``
+    q and ``steps``: that many steps of Poisson sampling at rate q (per-label rates under
+    --balance-labels are at most it), each step's clipped sum (L2 bound ``max_grad_norm`` per
+    example) plus Gaussian noise of std σ x bound. A node composes only the rounds it trained.
     """
     from fedswarm.common.accounting import epsilon_of
 
     out: dict[str, dict[str, Any]] = {}
     for node, text in sorted(book.privacy.items()):
-        history = [[float(s), float(q), int(n)] for s, q, n in json.loads(text or "[]")]
+        history = [(float(s), float(q), int(n)) for s, q, n in json.loads(text or "[]")]
         out[str(node)] = {
             "accountant": cfg.accountant,
             "delta": cfg.delta,
             "max_grad_norm": cfg.max_grad_norm,
-            "history": history,
+            "history": [{"noise_multiplier": s, "sample_rate": q, "steps": n} for s, q, n in history],
             "steps": sum(n for *_, n in history),
-            "epsilon": epsilon_of(history, cfg.delta, cfg.accountant),
+            "epsilon": epsilon_of([list(h) for h in history], cfg.delta, cfg.accountant),
         }
     return out
 
