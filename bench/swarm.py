@@ -24,13 +24,14 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from fedswarm.common.processes import free_port
 
 PROMPT = "The capital of France is"
 INSECURE = ["--insecure"]  # the plaintext swarm; compare_tls starts a mutual-TLS one
@@ -386,12 +387,6 @@ def stop(procs: list[subprocess.Popen]) -> None:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def rss_mib(pid: int) -> float:
