@@ -8,6 +8,9 @@ import os
 import re
 import sys
 import time
+from collections.abc import Iterator
+from concurrent import futures
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -164,3 +167,22 @@ def local_greedy(model, steps: int) -> tuple[list[int], list[torch.Tensor]]:
             logits.append(step_logits)
             ids = torch.tensor([[token]])
     return tokens, logits
+
+
+@contextmanager
+def served(servicer: Any) -> Iterator[Any]:
+    """A block servicer served in this process on 127.0.0.1 (plaintext gRPC); yields a stub to it, stops after."""
+    import grpc
+
+    from fedswarm.protos import swarm_pb2_grpc
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
+    swarm_pb2_grpc.add_BlockServerServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    try:
+        yield swarm_pb2_grpc.BlockServerStub(channel)
+    finally:
+        channel.close()
+        server.stop(None)

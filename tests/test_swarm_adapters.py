@@ -25,7 +25,7 @@ from fedswarm.server.swarm.options import AdapterSource, parse_adapters
 from fedswarm.server.swarm.registry import RegistryServicer, RegistryTable
 from fedswarm.server.swarm.scheduler import BatchScheduler, SessionState
 from fedswarm.server.swarm.unmerged_lora import load_unmerged
-from tests.swarm_support import make_adapter, roundoff_tol
+from tests.swarm_support import make_adapter, roundoff_tol, served
 
 PROMPTS = [[504, 3575, 282, 4649, 314], [42, 7, 9], [11], [300, 301, 302, 303, 304, 305, 306], [5, 6], [77, 78, 79, 80]]
 
@@ -306,11 +306,7 @@ def test_registry_refuses_duplicate_adapter_names():
 @pytest.fixture()
 def adapter_server(tmp_path):
     """A block server in this process over real gRPC, serving adapter "fed" from a folder the test may replace."""
-    from concurrent import futures
 
-    import grpc
-
-    from fedswarm.protos import swarm_pb2_grpc
     from fedswarm.server.swarm.handler import BlockServicer
     from fedswarm.server.swarm.sessions import SessionTable
 
@@ -321,14 +317,8 @@ def adapter_server(tmp_path):
     sessions = SessionTable(cache_budget_bytes=2**24, idle_timeout_s=30)
     info = swarm_pb2.ServerInfo(address="x", model_id="tiny", start=0, end=4, num_blocks=4, throughput=1.0)
     servicer = BlockServicer(span, info, sessions, 128, store)
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
-    swarm_pb2_grpc.add_BlockServerServicer_to_server(servicer, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
-    yield swarm_pb2_grpc.BlockServerStub(channel), store, folder, tmp_path
-    channel.close()
-    server.stop(None)
+    with served(servicer) as stub:
+        yield stub, store, folder, tmp_path
     servicer.scheduler.stop()
 
 

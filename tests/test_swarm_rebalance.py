@@ -3,21 +3,21 @@ with a session open (in this process, over real gRPC, on the tiny model)."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
-from concurrent import futures
 
 import grpc
 import pytest
 import torch
 
 from fedswarm.common.model import parse_model
-from fedswarm.protos import swarm_pb2, swarm_pb2_grpc
+from fedswarm.protos import swarm_pb2
 from fedswarm.protos.tensors import PROTOCOL_VERSION, from_proto, to_proto
 from fedswarm.server.swarm import rebalance
 from fedswarm.server.swarm.placement import Announced, Move
 from fedswarm.server.swarm.rebalance import Rebalancer, RegistriesUnreachable, SpanMover, SwarmKey, initial_span
-from tests.swarm_support import roundoff_tol
+from tests.swarm_support import roundoff_tol, served
 
 KEY = SwarmKey("tiny", "", 4)
 
@@ -167,11 +167,6 @@ def test_a_move_keeps_live_sessions_on_the_old_span_and_sends_new_ones_to_the_ne
     spec = parse_model("tiny")
     old_span, new_span = load_span(spec, 0, 2), load_span(spec, 2, 4)
     servicer = BlockServicer(old_span, info("x:1", 0, 2), SessionTable(2**26, 60.0), max_length=16)
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
-    swarm_pb2_grpc.add_BlockServerServicer_to_server(servicer, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
     published = []
 
     def publish(edit):
@@ -183,9 +178,10 @@ def test_a_move_keeps_live_sessions_on_the_old_span_and_sends_new_ones_to_the_ne
 
     build = lambda s, e: ServedSpan(new_span, BatchScheduler(new_span).start())  # noqa: E731
     mover = SpanMover(servicer, build, publish, drain_s=30.0)
+    stack = contextlib.ExitStack()
     requests: queue.Queue = queue.Queue()
     try:
-        stub = swarm_pb2_grpc.BlockServerStub(channel)
+        stub = stack.enter_context(served(servicer))
         x = torch.randn(1, 4, 64)
         stream = stub.Inference(iter(requests.get, None))
         requests.put(_open(0, 2, x[:, :3]))
@@ -212,6 +208,5 @@ def test_a_move_keeps_live_sessions_on_the_old_span_and_sends_new_ones_to_the_ne
         assert old.stopped.wait(10.0)  # ... and the old span is retired at once
     finally:
         requests.put(None)
-        channel.close()
-        server.stop(None)
+        stack.close()
         servicer.scheduler.stop()

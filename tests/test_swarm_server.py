@@ -4,19 +4,18 @@ from __future__ import annotations
 
 import threading
 import time
-from concurrent import futures
 
 import grpc
 import pytest
 import torch
 
 from fedswarm.common.model import parse_model
-from fedswarm.protos import swarm_pb2, swarm_pb2_grpc
+from fedswarm.protos import swarm_pb2
 from fedswarm.protos.tensors import PROTOCOL_VERSION, from_proto, to_proto
 from fedswarm.server.swarm.blocks import load_span
 from fedswarm.server.swarm.handler import BlockServicer
 from fedswarm.server.swarm.sessions import SessionTable
-from tests.swarm_support import roundoff_tol
+from tests.swarm_support import roundoff_tol, served
 
 
 @pytest.fixture(scope="module")
@@ -24,17 +23,11 @@ def server():
     span = load_span(parse_model("tiny"), 0, 4)
     sessions = SessionTable(cache_budget_bytes=span.cache_bytes(0, 4, 1, 64), idle_timeout_s=0.5)
     info = swarm_pb2.ServerInfo(address="x", model_id="tiny", start=0, end=4, num_blocks=4, throughput=1.0)
-    grpc_server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
-    swarm_pb2_grpc.add_BlockServerServicer_to_server(BlockServicer(span, info, sessions, max_length=128), grpc_server)
-    port = grpc_server.add_insecure_port("127.0.0.1:0")
-    grpc_server.start()
     reaper_stop = threading.Event()
     sessions.start_reaper(reaper_stop, period_s=0.1)
-    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
-    yield swarm_pb2_grpc.BlockServerStub(channel), span, sessions
+    with served(BlockServicer(span, info, sessions, max_length=128)) as stub:
+        yield stub, span, sessions
     reaper_stop.set()
-    channel.close()
-    grpc_server.stop(None)
 
 
 def _open(max_length: int, hidden: torch.Tensor, version: int = PROTOCOL_VERSION) -> swarm_pb2.InferenceRequest:
