@@ -100,13 +100,3 @@ class Deployment:
     def metrics(self, out: str) -> list[dict]:
         path = self.runs / out / "metrics.jsonl"
         return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
-
-    def slowest_round(self) -> float | None:
-        """The longest a round of this deployment's runs so far took, sending to replies (None: no run yet)."""
-        seconds = [
-            float(row["seconds"])
-            for path in self.runs.glob("*/metrics.jsonl")
-            for row in (json.loads(x) for x in path.read_text().splitlines() if x)
-            if row.get("round", 0) > 0
-        ]
-        return max(seconds, default=None)

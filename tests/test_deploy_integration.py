@@ -25,8 +25,6 @@ from tests.deploy_support import records as _records
 
 pytestmark = pytest.mark.integration
 
-HEARTBEAT_LOST_S = 60.0  # Flower counts a node lost after 2 missed 30 s heartbeats
-
 
 @pytest.fixture(scope="module")
 def deployment(tmp_path_factory):
@@ -184,16 +182,9 @@ def test_worker_killed_mid_task_fails_that_reply_and_is_restarted(deployment):
 
 
 def test_node_killed_during_a_round_leaves_the_round_to_the_others(deployment):
-    # The round should end before Flower notices the dead node (2 x its 30 s heartbeat, HEARTBEAT_LOST_S), so its
-    # timeout is 3 x the slowest round this deployment has run (the earlier tests' runs: sending, training and
-    # replying on this machine as loaded as it is now), at least 25 s; run alone, without such a run, it is left
-    # to Flower's notice. A longer timeout passes too, only later.
-    slowest = deployment.slowest_round()
-    timeout = max(25.0, 3 * slowest) if slowest is not None else 2 * HEARTBEAT_LOST_S
-    runner = deployment.start(
-        "run-dropout",
-        *deployment.run_args("dropout", "--rounds", "1", "--min-clients", "1", "--round-timeout", f"{timeout:.0f}"),
-    )
+    # The round ends when node 0 has replied and Flower has noticed the dead node (2 missed 30 s heartbeats: an
+    # error reply, "Node Unavailable"), not at a timeout tuned to this machine's speed: run_args' 240 s only bounds it.
+    runner = deployment.start("run-dropout", *deployment.run_args("dropout", "--rounds", "1", "--min-clients", "1"))
     victim = deployment.nodes[1]
     started = deployment.log("node1").count("train message of run")
     deadline = time.monotonic() + 200
