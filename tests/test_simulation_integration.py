@@ -171,19 +171,19 @@ def test_simulation_ffa_server_adam_with_fedprox_scores_the_last_round_only(labe
 
 @pytest.mark.integration
 def test_simulation_samples_nodes_and_each_accounts_only_the_rounds_it_trained(labelled_file, tmp_path):
-    """3 nodes, 1 sampled per round over 4 rounds, under local DP: every round trains one node, the
+    """3 nodes, 1 sampled per round over 3 rounds, under local DP: every round trains one node, the
     metrics name it, and each node's DP history holds one composition of 3 steps per round it trained
     (its accountant sat out the other rounds unchanged)."""
     out = tmp_path / "run"
     proc = _simulate(
-        labelled_file, out, "--rounds", "4", "--clients-per-round", "1", "--aggregation", "ffa", "--dp",
+        labelled_file, out, "--rounds", "3", "--clients-per-round", "1", "--aggregation", "ffa", "--dp",
         "--noise-multiplier", "1.0", "--dp-seed", "1", "--dp-batch-size", "8", "--eval-every", "0",
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][1:]
-    assert [len(r["sampled"]) for r in rows] == [1, 1, 1, 1]
+    assert [len(r["sampled"]) for r in rows] == [1, 1, 1]
     assert all([c["node"] for c in r["per_client"]] == r["sampled"] for r in rows)
     trained = Counter(r["sampled"][0] for r in rows)
     nodes = json.loads((out / "summary.json").read_text())["privacy"]["local"]["nodes"]
     assert {int(n): f["steps"] for n, f in nodes.items()} == {n: 3 * k for n, k in trained.items()}
-    assert sum(trained.values()) == 4
+    assert sum(trained.values()) == 3
