@@ -142,7 +142,7 @@ def test_sampled_rounds_are_drawn_with_the_seed_and_the_same_after_resume(labell
 
 
 def test_an_over_selected_round_closes_on_the_first_k_good_replies(labelled_file, tmp_path, monkeypatch):
-    """5 nodes sampled for K = 3 (over-select 5/3): node 3 sends NaN (rejected), node 4 never answers. The round
+    """5 nodes sampled for K = 3 (over-select 5/3): node 3 sends NaN, node 4 never answers. The round
     closes once nodes 1, 2 and 5 have answered well, not at its timeout: node 4 is late, not failed, and the
     adapter is exactly the mean of those three updates (B moved 0.01 x node id by each)."""
     from fedswarm.server.coordinator import federation
@@ -155,9 +155,12 @@ def test_an_over_selected_round_closes_on_the_first_k_good_replies(labelled_file
     assert cfg.sampled_per_round() == 5
     federation.run_federation(grid, cfg)
     row = _rows(tmp_path)[1]
-    assert row["sampled"] == [1, 2, 3, 4, 5] and row["late"] == 1 and row["failures"] == 0
+    assert row["sampled"] == [1, 2, 3, 4, 5] and row["failures"] == 0
     assert row["clients"] == 3 and [c["node"] for c in row["per_client"]] == [1, 2, 5]
-    assert row["rejected"] == 1 and row["rejected_why"][0].startswith("node 3:")
+    # replies are pulled in no set order: node 3's NaN is either screened out (rejected) or still unread when the
+    # third good reply closes the round (late); node 4's silence is always late
+    assert row["late"] + row["rejected"] == 2 and row["late"] >= 1
+    assert all(why.startswith("node 3:") for why in row["rejected_why"])
     expected = (0.01 * 1 + 0.01 * 2 + 0.01 * 5) / 3  # equal weights (10 examples each)
     tol = 8 * torch.finfo(torch.float32).eps * expected  # three float32 additions and a division
     assert all(torch.allclose(v, torch.full_like(v, expected), rtol=0, atol=tol) for v in _b_values(tmp_path))
