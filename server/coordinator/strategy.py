@@ -28,6 +28,7 @@ adapter, ``c``, the node book) lives here and in the coordinator, and is checkpo
 
 from __future__ import annotations
 
+import logging
 import random
 import time
 from collections.abc import Iterable, Sequence
@@ -48,6 +49,8 @@ if TYPE_CHECKING:
 
     from fedswarm.common.codecs import AdapterCodec
     from fedswarm.common.config import FederationConfig
+
+log = logging.getLogger("fedswarm")
 
 RESIDUAL = "aggregation-residual"  # aggregate_train's metric: the aggregate's relative product-space error
 NODE_POLL_SECONDS = 1.0
@@ -118,8 +121,6 @@ class LoraStrategy(FedAvg):
         """Connected node ids once all ``clients`` are online (at the run's start) or ``min_clients`` (later);
         at the start, ``min_clients`` suffice once ``node_wait`` seconds have passed. Raises
         :class:`FedswarmError` when fewer are online by then."""
-        import logging
-
         wanted = self.min_clients if self.started else self.clients
         deadline = time.monotonic() + self.node_wait
         while True:
@@ -132,7 +133,7 @@ class LoraStrategy(FedAvg):
                         f"only {len(node_ids)} client nodes connected within {self.node_wait:.0f} s; "
                         f"the run needs {self.min_clients}"
                     )
-                logging.getLogger("fedswarm").warning(
+                log.warning(
                     "%d of %d client nodes online; going on with them (--min-clients %d)",
                     len(node_ids), wanted, self.min_clients,
                 )  # fmt: skip
